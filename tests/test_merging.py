@@ -1,0 +1,351 @@
+"""Merging math: SLERP of task vectors, iterative SLERP for M > 2, LITI, whole-state-dict merges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from warp_dist.merging import (
+    clone_state,
+    distance,
+    liti,
+    merge_state_dicts,
+    merge_tensor,
+    slerp,
+    slerp_many,
+    task_vector_stats,
+    unique_names,
+)
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- slerp
+
+
+@pytest.mark.parametrize("shape", [(7,), (4, 5), (2, 3, 4)])
+def test_slerp_endpoints(shape):
+    d1, d2 = _rand(*shape, seed=1), _rand(*shape, seed=2)
+    torch.testing.assert_close(slerp(d1, d2, 0.0), d1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(slerp(d1, d2, 1.0), d2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1, 0.25, 0.5, 0.8, 1.0])
+def test_slerp_orthogonal_equal_norm_keeps_norm(lam):
+    d1 = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    d2 = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    out = slerp(d1, d2, lam)
+    assert out.norm().item() == pytest.approx(3.0, abs=1e-5)
+    # and it is the point at angle lam * 90 degrees in the d1-d2 plane
+    expected = 3.0 * torch.tensor([math.cos(lam * math.pi / 2), 0.0, math.sin(lam * math.pi / 2), 0.0])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # linear interpolation would shrink it (except at the endpoints): slerp really is spherical
+    if 0 < lam < 1:
+        assert ((1 - lam) * d1 + lam * d2).norm().item() < 3.0 - 1e-3
+
+
+def test_slerp_orthogonal_equal_norm_random_high_dim():
+    a = _rand(64, 32, seed=3)
+    b = _rand(64, 32, seed=4)
+    # make b orthogonal to a with the same norm
+    b = b - (b * a).sum() / (a * a).sum() * a
+    b = b * a.norm() / b.norm()
+    for lam in (0.3, 0.5, 0.9):
+        assert slerp(a, b, lam).norm().item() == pytest.approx(a.norm().item(), rel=1e-5)
+
+
+def test_slerp_60_degrees_by_hand():
+    s3 = math.sqrt(3.0)
+    d1 = torch.tensor([2.0, 0.0])  # norm 2, angle 0
+    d2 = torch.tensor([1.5, 1.5 * s3])  # norm 3, angle 60 degrees
+    omega = math.pi / 3
+    for lam in (0.5, 0.25, 0.7):
+        c1 = math.sin((1 - lam) * omega) / math.sin(omega)
+        c2 = math.sin(lam * omega) / math.sin(omega)
+        expected = torch.tensor([c1 * 2.0 + c2 * 1.5, c2 * 1.5 * s3])
+        torch.testing.assert_close(slerp(d1, d2, lam), expected, rtol=0, atol=1e-5)
+    # at lam = 0.5 both coefficients are sin(30)/sin(60) = 1/sqrt(3)
+    torch.testing.assert_close(slerp(d1, d2, 0.5), (d1 + d2) / s3, rtol=0, atol=1e-5)
+    # unit vectors: the midpoint is the unit vector at 30 degrees
+    u1, u2 = torch.tensor([1.0, 0.0]), torch.tensor([0.5, s3 / 2])
+    torch.testing.assert_close(slerp(u1, u2, 0.5), torch.tensor([s3 / 2, 0.5]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_colinear_same_direction_is_linear(scale, lam):
+    d1 = _rand(5, 6, seed=5)
+    d2 = scale * d1
+    out = slerp(d1, d2, lam)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, (1 - lam) * d1 + lam * d2, rtol=1e-5, atol=1e-5)
+
+
+def test_slerp_identical_vectors_exactly_linear_no_nan():
+    d = torch.full((3, 3), 0.7)
+    out = slerp(d, d.clone(), 0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 1.0])
+def test_slerp_zero_vector_fallback(lam):
+    d = _rand(4, 3, seed=6)
+    z = torch.zeros_like(d)
+    out1 = slerp(z, d, lam)
+    out2 = slerp(d, z, lam)
+    out3 = slerp(z, z, lam)
+    for o in (out1, out2, out3):
+        assert torch.isfinite(o).all()
+    torch.testing.assert_close(out1, lam * d, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out2, (1 - lam) * d, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out3, z)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4)])
+def test_slerp_dtype_and_shape_preserved(dtype, shape):
+    d1, d2 = _rand(*shape, seed=7, dtype=dtype), _rand(*shape, seed=8, dtype=dtype)
+    out = slerp(d1, d2, 0.5)
+    assert out.dtype == dtype
+    assert out.shape == d1.shape
+    # the math is done in fp32 on the (already rounded) inputs, then cast back
+    ref = slerp(d1.float(), d2.float(), 0.5).to(dtype)
+    assert torch.equal(out, ref)
+    many = slerp_many([d1, d2, _rand(*shape, seed=9, dtype=dtype)])
+    assert many.dtype == dtype and many.shape == d1.shape
+
+
+def test_slerp_non_contiguous_input():
+    d1, d2 = _rand(5, 7, seed=10), _rand(5, 7, seed=11)
+    out = slerp(d1.t(), d2.t(), 0.3)
+    assert out.shape == (7, 5)
+    torch.testing.assert_close(out, slerp(d1, d2, 0.3).t(), rtol=0, atol=1e-6)
+
+
+def test_slerp_many_m1_and_m2():
+    d1, d2 = _rand(4, 4, seed=12), _rand(4, 4, seed=13)
+    one = slerp_many([d1])
+    assert torch.equal(one, d1) and one.data_ptr() != d1.data_ptr()
+    torch.testing.assert_close(slerp_many([d1, d2], 0.3), slerp(d1, d2, 0.3), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        slerp_many([])
+
+
+def test_slerp_many_m3_iterative_by_hand():
+    d1, d2, d3 = _rand(3, 8, seed=14), _rand(3, 8, seed=15), _rand(3, 8, seed=16)
+    expected = slerp(slerp(d1, d2, 1 / 2), d3, 1 / 3)
+    torch.testing.assert_close(slerp_many([d1, d2, d3]), expected, rtol=0, atol=1e-6)
+    # and it is not simply the first pairwise merge (d3 is really folded in)
+    assert (slerp_many([d1, d2, d3]) - slerp(d1, d2, 0.5)).abs().max().item() > 1e-2
+
+
+def test_slerp_many_m4_iterative_by_hand():
+    ds = [_rand(10, seed=20 + i) for i in range(4)]
+    expected = slerp(slerp(slerp(ds[0], ds[1], 1 / 2), ds[2], 1 / 3), ds[3], 1 / 4)
+    torch.testing.assert_close(slerp_many(ds), expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ liti
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_liti_endpoints_and_midpoint(dtype):
+    init, target = _rand(4, 5, seed=30, dtype=dtype), _rand(4, 5, seed=31, dtype=dtype)
+    assert torch.equal(liti(init, target, 0.0), init)
+    assert torch.equal(liti(init, target, 1.0), target)
+    out = liti(init, target, 0.3)
+    assert out.dtype == dtype
+    ref = (0.7 * init.float() + 0.3 * target.float()).to(dtype)
+    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- merge_tensor
+
+
+@pytest.mark.parametrize("t", [torch.arange(6).view(2, 3), torch.tensor([True, False, True]),
+                               torch.tensor([1, 2, 3], dtype=torch.uint8)])
+def test_merge_tensor_non_float_untouched(t):
+    policies = [t + 1 if t.dtype != torch.bool else ~t, t.clone()]
+    merged, nxt = merge_tensor(t, policies, 0.5, 0.3)
+    assert merged is t and nxt is t
+    assert merged.dtype == t.dtype
+
+
+def test_merge_tensor_values_by_hand():
+    init = _rand(3, 4, seed=40)
+    p1, p2 = init + _rand(3, 4, seed=41), init + _rand(3, 4, seed=42)
+    lam, eta = 0.4, 0.3
+    merged, nxt = merge_tensor(init, [p1, p2], lam, eta)
+    exp_merged = init + slerp(p1 - init, p2 - init, lam)
+    torch.testing.assert_close(merged, exp_merged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nxt, (1 - eta) * init + eta * exp_merged, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_tensor_low_precision_dtype(dtype):
+    init = _rand(8, 8, seed=43, dtype=dtype)
+    p1 = (init.float() + 0.1 * _rand(8, 8, seed=44)).to(dtype)
+    p2 = (init.float() + 0.1 * _rand(8, 8, seed=45)).to(dtype)
+    merged, nxt = merge_tensor(init, [p1, p2], 0.5, 0.5)
+    assert merged.dtype == dtype and nxt.dtype == dtype
+    ref = (init.float() + slerp(p1.float() - init.float(), p2.float() - init.float(), 0.5)).to(dtype)
+    torch.testing.assert_close(merged, ref, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- whole state dicts (GPT-2)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+                     eos_token_id=0, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _perturbed(state, seed, scale=0.05):
+    """A policy: clone (ties kept) and add noise to each distinct float storage once."""
+    p = clone_state(state)
+    g = torch.Generator().manual_seed(seed)
+    for k in unique_names(p):
+        if p[k].is_floating_point():
+            p[k].add_(scale * torch.randn(p[k].shape, generator=g))
+    return p
+
+
+TIED = ("lm_head.weight", "transformer.wte.weight")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return _tiny_gpt2()
+
+
+def test_gpt2_state_dict_is_tied(gpt2):
+    sd = gpt2.state_dict()
+    assert sd[TIED[0]].data_ptr() == sd[TIED[1]].data_ptr()
+    names = unique_names(sd)
+    assert len(names) == len(sd) - 1
+    assert sum(n in names for n in TIED) == 1
+
+
+def test_clone_state_keeps_ties_and_copies(gpt2):
+    sd = gpt2.state_dict()
+    c = clone_state(sd)
+    assert set(c) == set(sd)
+    assert c[TIED[0]] is c[TIED[1]]
+    for k in sd:
+        assert torch.equal(c[k], sd[k])
+        assert c[k].data_ptr() != sd[k].data_ptr()
+        assert not c[k].requires_grad
+    before = sd["transformer.wte.weight"].clone()
+    c["transformer.wte.weight"].add_(1.0)
+    c["transformer.h.0.ln_1.weight"].zero_()
+    assert torch.equal(sd["transformer.wte.weight"], before)
+    assert torch.equal(gpt2.transformer.wte.weight.detach(), before)
+    assert gpt2.transformer.h[0].ln_1.weight.abs().sum().item() > 0
+    # the tied partner followed the in-place change in the clone
+    assert torch.equal(c["lm_head.weight"], before + 1.0)
+
+
+def test_merge_state_dicts_gpt2_ties_keys_values_and_load(gpt2):
+    init = clone_state(gpt2.state_dict())
+    pols = [_perturbed(init, seed=100), _perturbed(init, seed=101)]
+    lam, eta = 0.5, 0.3
+    merged, nxt = merge_state_dicts(init, pols, lam, eta)
+    for out in (merged, nxt):
+        assert set(out) == set(init)
+        assert out[TIED[0]] is out[TIED[1]]
+        for k in init:
+            assert out[k].shape == init[k].shape and out[k].dtype == init[k].dtype
+    # values: per tensor init + slerp(delta1, delta2) and LITI
+    for k in unique_names(init):
+        d1, d2 = pols[0][k] - init[k], pols[1][k] - init[k]
+        exp = init[k] + slerp(d1, d2, lam)
+        torch.testing.assert_close(merged[k], exp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(nxt[k], (1 - eta) * init[k] + eta * exp, rtol=0, atol=1e-5)
+    # the merge actually moved the weights
+    assert distance(init, merged) > 1e-3
+    # loadable into the model, strictly, and the model stays tied
+    m = _tiny_gpt2()
+    m.load_state_dict(merged, strict=True)
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(m.transformer.wte.weight.detach(), merged["transformer.wte.weight"], rtol=0, atol=0)
+    m.load_state_dict(nxt, strict=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_merge_identical_policies_equal_init_returns_init(gpt2, m):
+    init = clone_state(gpt2.state_dict())
+    merged, nxt = merge_state_dicts(init, [clone_state(init) for _ in range(m)], 0.5, 0.3)
+    for k in init:
+        assert torch.equal(merged[k], init[k]), k
+        assert torch.equal(nxt[k], init[k]), k
+
+
+def test_merge_identical_policies_returns_that_policy(gpt2):
+    init = clone_state(gpt2.state_dict())
+    p = _perturbed(init, seed=7)
+    merged, _ = merge_state_dicts(init, [p, clone_state(p), clone_state(p)], 0.5, 0.5)
+    assert distance(merged, p) < 1e-4 * max(1.0, distance(init, p))
+
+
+def test_merge_state_dicts_non_float_passthrough():
+    init = {"w": torch.ones(3), "step": torch.tensor(5), "mask": torch.tensor([True, False])}
+    pols = [{"w": torch.ones(3) * 2, "step": torch.tensor(9), "mask": torch.tensor([False, False])}] * 2
+    merged, nxt = merge_state_dicts(init, pols, 0.5, 0.5)
+    assert merged["step"] is init["step"] and nxt["mask"] is init["mask"]
+    torch.testing.assert_close(merged["w"], torch.ones(3) * 2)
+    torch.testing.assert_close(nxt["w"], torch.ones(3) * 1.5)
+
+
+# ------------------------------------------------------------------------------------- stats / distance
+
+
+def test_task_vector_stats_by_hand():
+    t = torch.zeros(2)
+    init = {"a": t, "a_tied": t, "b": torch.zeros(1), "n": torch.tensor([1, 2])}
+    p0a = torch.tensor([3.0, 0.0])
+    p1a = torch.tensor([3.0, 0.0])
+    p0 = {"a": p0a, "a_tied": p0a, "b": torch.tensor([4.0]), "n": torch.tensor([7, 7])}
+    p1 = {"a": p1a, "a_tied": p1a, "b": torch.tensor([0.0]), "n": torch.tensor([0, 0])}
+    p2 = {"a": torch.tensor([0.0, 2.0]), "a_tied": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0]),
+          "n": torch.tensor([1, 2])}
+    st = task_vector_stats(init, [p0, p1, p2])
+    # tied tensor counted once; integer tensor ignored
+    assert st["task_vector_norm"] == pytest.approx([5.0, 3.0, 2.0])
+    assert st["cosine"]["0-1"] == pytest.approx(9.0 / 15.0)
+    assert st["cosine"]["0-2"] == pytest.approx(0.0, abs=1e-12)
+    assert st["cosine"]["1-2"] == pytest.approx(0.0, abs=1e-12)
+    assert st["angle_deg"]["0-1"] == pytest.approx(math.degrees(math.acos(0.6)))
+    assert st["angle_deg"]["0-2"] == pytest.approx(90.0)
+    assert set(st["cosine"]) == {"0-1", "0-2", "1-2"}
+
+
+def test_task_vector_stats_zero_vector_gives_nan_cosine():
+    init = {"a": torch.zeros(2)}
+    st = task_vector_stats(init, [{"a": torch.zeros(2)}, {"a": torch.ones(2)}])
+    assert st["task_vector_norm"] == pytest.approx([0.0, math.sqrt(2)])
+    assert math.isnan(st["cosine"]["0-1"]) and math.isnan(st["angle_deg"]["0-1"])
+
+
+def test_distance(gpt2):
+    sd = gpt2.state_dict()
+    assert distance(sd, clone_state(sd)) == 0.0
+    a = {"x": torch.zeros(2), "n": torch.tensor([1])}
+    b = {"x": torch.tensor([3.0, 4.0]), "n": torch.tensor([100])}
+    assert distance(a, b) == pytest.approx(5.0)
+    # tied tensors count once
+    t = torch.zeros(2)
+    u = torch.tensor([3.0, 4.0])
+    assert distance({"x": t, "y": t}, {"x": u, "y": u}) == pytest.approx(5.0)
+    assert distance(a, b) == pytest.approx(distance(b, a))

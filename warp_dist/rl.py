@@ -1,0 +1,62 @@
+"""Pure RL math for WARP's inner loop: tensors in, tensors out (no I/O, no process groups).
+
+Variant: REINFORCE on whole sequences with a KL-shaped reward against an EMA anchor, as in WARP
+(arXiv 2406.16768, Sec. 3.1): r~ = r - beta * sum_t (log pi - log pi_ema), detached; the baseline is the
+batch mean or leave-one-out mean of r~.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each next token.
+
+    logits: [B, L, V] from a causal LM on input_ids [B, L]. Returns [B, L-1]: entry t is
+    log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token log-probs over the masked (completion) positions. [B, L-1] x [B, L-1] -> [B]."""
+    return (token_logp * mask).sum(-1)
+
+
+def kl_shaped_reward(reward: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """r - beta * sum_t (log pi - log pi_ref) over completion tokens, detached. Shapes [B], [B, L-1] x3 -> [B]."""
+    kl = ((logp - logp_ref) * mask).sum(-1)
+    return (reward - beta * kl).detach()
+
+
+def baseline(shaped: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample baseline for [B] rewards: 'mean' (batch mean) or 'loo' (mean of the other B-1)."""
+    if kind == "mean":
+        return shaped.mean().expand_as(shaped)
+    if kind == "loo":
+        n = shaped.numel()
+        if n < 2:
+            raise ValueError("leave-one-out baseline needs at least 2 samples")
+        return (shaped.sum() - shaped) / (n - 1)
+    raise ValueError(f"unknown baseline {kind!r}: allowed mean | loo")
+
+
+def reinforce_loss(seq_logp: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+    """-mean_b(A_b * log pi(y_b|x_b)); advantage is treated as a constant. [B], [B] -> scalar."""
+    return -(advantage.detach() * seq_logp).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], mu: float) -> None:
+    """In place: ema <- (1 - mu) * ema + mu * theta, tensor by tensor (float tensors only)."""
+    for e, p in zip(ema, params, strict=True):
+        if e.is_floating_point():
+            e.lerp_(p.to(e.dtype), mu)
+
+
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Monte-Carlo KL(pi || ref) per sample from samples of pi: sum_t (log pi - log ref). -> [B]."""
+    return ((logp - logp_ref) * mask).sum(-1)
