@@ -83,6 +83,7 @@ class TrainConfig:
     beta: float = 0.1  # KL coefficient against the EMA anchor
     mu: float = 0.01  # EMA rate: ema <- (1 - mu) ema + mu theta
     baseline: str = "loo"  # mean (batch mean) | loo (leave-one-out)
+    anchor: str = "ema"  # ema (WARP: EMA of the policy, rate mu) | sft (plain KL-regularised RL: fixed SFT anchor)
     seed: int = 0  # policy m uses seed + 1000 * iteration + m
     deepspeed: str = ""  # "" = plain AdamW (DDP inside a group of several ranks); else a DeepSpeed JSON (ZeRO-2/3)
 
@@ -220,6 +221,7 @@ def validate(c: WarpConfig) -> None:
     _check(t.beta >= 0, "train.beta", "beta >= 0", t.beta)
     _check(0 < t.mu <= 1, "train.mu", "mu in (0, 1]", t.mu)
     _check(t.baseline in ("mean", "loo"), "train.baseline", "mean | loo", t.baseline)
+    _check(t.anchor in ("ema", "sft"), "train.anchor", "ema | sft", t.anchor)
     _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
     _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
     _check(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32 | bfloat16 | float16", c.model.dtype)
@@ -239,6 +241,8 @@ def validate(c: WarpConfig) -> None:
     _check(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1", ro.max_new_tokens)
     _check(0 <= ro.min_new_tokens <= ro.max_new_tokens, "rollout.min_new_tokens", "in [0, rollout.max_new_tokens]", ro.min_new_tokens)
     _check(ro.temperature > 0, "rollout.temperature", "> 0", ro.temperature)
+    _check(ro.backend == "hf" or ro.temperature <= 2, "rollout.temperature", "in (0, 2] with the vLLM backend",
+           ro.temperature)
     _check(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
     _check(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
     _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)

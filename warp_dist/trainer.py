@@ -49,7 +49,7 @@ class Warp:
     """One process's view of a WARP run: models, reward, prompts, rollout backend, metrics log."""
 
     def __init__(self, cfg: WarpConfig, dist: distmod.Dist | None = None, log=print, metrics_path=None):
-        self.dist = dist or distmod.init(cfg.train.policies, cpu=True)
+        self.dist = dist or distmod.init(cfg.train.policies, cfg.dist_timeout_s, cpu=cfg.cpu)
         self.cfg, self.device, self.is_main = cfg, self.dist.device, self.dist.is_main
         self.log = log if self.is_main else (lambda *_: None)
         self.metrics = checkpoint.MetricsLog(metrics_path if self.is_main else None)
@@ -87,10 +87,15 @@ class Warp:
         self.model.load_state_dict(state)
         self.push_weights(self.model)
 
-    def push_weights(self, module) -> None:
+    def push_weights(self, module, engine=None) -> None:
+        """New weights version into the rollout backend (gathered first when ZeRO-3 partitions them)."""
         t0 = time.perf_counter()
         self.version += 1
-        self.backend.update_weights(module, self.version)
+        if engine is not None:
+            with engine.gathered(engine.module.parameters()):
+                self.backend.update_weights(module, self.version)
+        else:
+            self.backend.update_weights(module, self.version)
         self._tick("sync", time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- phase: RL for one policy
@@ -101,8 +106,9 @@ class Warp:
         seed = policy_seed(tc.seed, iteration, policy)
         torch.manual_seed(seed)
         eng = distmod.PolicyEngine(d, self.model, init_state, tc, tc.deepspeed, self.solo_groups)
-        self.push_weights(eng.module)
-        self.ema_model.load_state_dict(init_state)
+        self.push_weights(eng.module, eng)
+        fixed_anchor = tc.anchor == "sft"  # plain KL-regularised REINFORCE baseline: the anchor never moves
+        self.ema_model.load_state_dict(self.sft_state if fixed_anchor else init_state)
         ema_params = [e for e, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True)
                       if p.requires_grad]
         gen = torch.Generator().manual_seed(seed)
@@ -122,6 +128,7 @@ class Warp:
             completions = self.tokenizer.batch_decode(gens.completion_ids, skip_special_tokens=True)
             reward = self.reward(texts, completions)
             t2 = time.perf_counter()
+            self.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
             ids, att, cm = build_batch(gens, pad, self.device)
             logits = eng.forward_module(input_ids=ids, attention_mask=att).logits
             logp = rl.token_logprobs(logits.float() / self.sampling.temperature, ids)
@@ -132,10 +139,11 @@ class Warp:
             adv = shaped - rl.baseline(shaped, tc.baseline)
             loss = rl.reinforce_loss(rl.sequence_logprob(logp, cm), adv)
             grad_norm = eng.step(loss)
-            with eng.gathered(eng.params):
-                rl.ema_update(ema_params, eng.params, tc.mu)
+            if not fixed_anchor:
+                with eng.gathered(eng.params):
+                    rl.ema_update(ema_params, eng.params, tc.mu)
             t3 = time.perf_counter()
-            self.push_weights(eng.module)
+            self.push_weights(eng.module, eng)
             t4 = time.perf_counter()
             self._tick("generate", t1 - t0)
             self._tick("score", t2 - t1)

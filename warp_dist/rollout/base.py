@@ -62,6 +62,9 @@ class RolloutBackend:
         """Make the backend sample from `model`'s current weights, labelled `version`."""
         raise NotImplementedError
 
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory while the trainer steps (vLLM sleep mode on CUDA); default no-op."""
+
     def close(self) -> None:
         pass
 

