@@ -68,6 +68,8 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False) -> Dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     topo = plan(world, num_policies)  # fails before any process group exists
     cpu = cpu or not torch.cuda.is_available()
+    if cpu:
+        set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world == 1:
         return Dist(0, 1, 0, 1, torch.device("cpu" if cpu else "cuda"), topo)
     from accelerate import PartialState
@@ -83,6 +85,16 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False) -> Dist
     device = torch.device("cpu") if cpu else state.device
     return Dist(rank, world, state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                 device, topo, groups[topo.group_of(rank)], tuple(groups))
+
+
+def set_cpu_threads(local_world_size: int) -> int:
+    """Give each local CPU rank an equal share of the cores (launchers default OMP_NUM_THREADS to 1).
+
+    WARP_DIST_NUM_THREADS overrides the share.
+    """
+    n = int(os.environ.get("WARP_DIST_NUM_THREADS", "0")) or max(1, len(os.sched_getaffinity(0)) // local_world_size)
+    torch.set_num_threads(n)
+    return n
 
 
 def fail_fast(exc: BaseException, rank: int) -> None:

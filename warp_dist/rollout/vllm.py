@@ -63,6 +63,7 @@ class VllmBackend(RolloutBackend):
 
     def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
                  device: torch.device | str = "cpu"):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-step reload chatter otherwise; env overrides
         try:
             import vllm
         except ImportError as exc:
