@@ -120,7 +120,6 @@ def test_failing_rank_ends_the_job_promptly(tmp_path, tiny_model_path):
     assert time.time() - t0 < 180
 
 
-@pytest.mark.slow
 def test_four_ranks_two_groups_zero3(tmp_path, tiny_model_path):
     out = tmp_path / "zero3"
     proc = launch(4, "launch/warp.py", *tiny(out, "train.iterations=1", "train.deepspeed=configs/deepspeed/zero3.json"),
