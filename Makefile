@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
+# The embedded default: WARP, then a short plain-REINFORCE baseline sweep, then the evaluation and report.
+DEMO_OUT ?= runs/demo
+DEMO_BETAS ?= 0.05,0.2
 demo: install
-	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml $(ARGS)
+	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
+		output_dir=$(DEMO_OUT) save_iterations=true $(ARGS)
+	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
+		--out $(DEMO_OUT)/baselines train.steps=25 progress=false
+	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

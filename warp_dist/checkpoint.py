@@ -62,6 +62,7 @@ def write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -100,6 +100,17 @@ def clone_state(state: dict[str, torch.Tensor], device: str | torch.device = "cp
     return out
 
 
+def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], eta: float) -> dict[str, torch.Tensor]:
+    """(1 - eta) * a + eta * b for every key of `a` (the LITI / eta front); ties shared, non-float from `a`."""
+    out, done = {}, {}
+    for k, v in a.items():
+        key = _storage_key(v)
+        if key not in done:
+            done[key] = liti(v, b[k], eta) if v.is_floating_point() else v
+        out[k] = done[key]
+    return out
+
+
 def merge_state_dicts(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]], lam: float,
                       eta: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Whole-model merge: (theta_slerp, next theta_init) with every key of `init`; tied tensors merged once
