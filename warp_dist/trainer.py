@@ -79,6 +79,12 @@ class Warp:
         self._pending: list[dict] = []
 
     # ---------------------------------------------------------------- helpers
+    def _clock(self) -> float:
+        """Wall clock for phase timings; waits for queued CUDA work so time lands in the right phase."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _tick(self, phase: str, seconds: float) -> None:
         self.timers[phase] = self.timers.get(phase, 0.0) + seconds
 
@@ -117,17 +123,17 @@ class Warp:
         pad = self.tokenizer.pad_token_id
         history = []
         for step in range(1, tc.steps + 1):
-            t0 = time.perf_counter()
+            t0 = self._clock()
             # the group's step batch is tc.batch_size prompts; rank r of the group takes every g-th one
             idx = [order[((step - 1) * tc.batch_size + j * g + r) % len(order)] for j in range(B)]
             prompts = [self.train_prompts.ids[j] for j in idx]
             texts = [self.train_prompts.texts[j] for j in idx]
             gens = self.backend.generate(prompts, self.sampling, seed=(seed * 100003 + step) * 64 + r,
                                          version=self.version)
-            t1 = time.perf_counter()
+            t1 = self._clock()
             completions = self.tokenizer.batch_decode(gens.completion_ids, skip_special_tokens=True)
             reward = self.reward(texts, completions)
-            t2 = time.perf_counter()
+            t2 = self._clock()
             self.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
             ids, att, cm = build_batch(gens, pad, self.device)
             logits = eng.forward_module(input_ids=ids, attention_mask=att).logits
@@ -142,9 +148,9 @@ class Warp:
             if not fixed_anchor:
                 with eng.gathered(eng.params):
                     rl.ema_update(ema_params, eng.params, tc.mu)
-            t3 = time.perf_counter()
+            t3 = self._clock()
             self.push_weights(eng.module, eng)
-            t4 = time.perf_counter()
+            t4 = self._clock()
             self._tick("generate", t1 - t0)
             self._tick("score", t2 - t1)
             self._tick("train", t3 - t2)

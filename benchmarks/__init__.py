@@ -1,0 +1,1 @@
+"""Benchmark scripts (each runnable as `python benchmarks/<name>.py`); shared helpers in common.py."""

@@ -1,0 +1,217 @@
+"""SLERP + LITI merge throughput and the streaming merger's memory, next to a plain copy of the same tensors.
+
+    python benchmarks/merge.py --size cpu      # SmolLM2-135M state dict + a ~1 GB synthetic one, M = 2 and 4
+    python benchmarks/merge.py --size tiny     # tiny GPT-2 + a 2 MB synthetic state dict
+
+Two state dicts: a real model's (policies = its weights + small Gaussian noise, so task vectors are neither zero
+nor colinear and SLERP takes its real path) and a synthetic one of N random fp32 [D, D] tensors. For M policies:
+
+- `merging.merge_state_dicts(init, policies, lam, eta)` wall time (median of --repeat after a warm-up on a
+  slice of the tensors). Bytes processed = bytes read (init + M policies) + bytes written (theta_slerp and the
+  next theta_init) = (M + 3) x model bytes, counting every stored tensor once (tied tensors once, fp32).
+- The memory-bandwidth yardstick, measured in the same run: `Tensor.clone()` of every tensor of init and the M
+  policies (one full warm-up pass, then the median of --repeat); bytes moved = read + written =
+  2 x (M + 1) x model bytes. Ratio = merge GB/s / clone GB/s.
+- `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak RSS growth during the call
+  (a thread samples /proc/self/statm every 2 ms, after gc + malloc_trim). The call returns both outputs
+  (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
+  (largest tensor) x (M + 2) (M policy tensors + 2 outputs of one name). Both are reported next to the model size.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+NAME = "merge"
+PRESETS = {
+    "tiny": dict(model="embedded:tiny-gpt2", synthetic_tensors=8, synthetic_dim=256, policies="2,4", repeat=3),
+    "cpu": dict(model="embedded:smollm2-135m", synthetic_tensors=64, synthetic_dim=2048, policies="2,4", repeat=3),
+    "gpu": dict(model="embedded:smollm2-135m", synthetic_tensors=256, synthetic_dim=2048, policies="2,4", repeat=2),
+}
+COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "merge s", "merge GB/s", "clone GB/s",
+           "merge / clone bandwidth", "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB",
+           "extra / model"]
+WARMUP_BYTES = 64 * 2**20  # the warm-up merges a slice of the tensors up to this size
+NOISE = 1e-3
+
+
+def parse_args(argv):
+    ap = common.parser(NAME, __doc__)
+    ap.add_argument("--model", default=None, help="model whose state dict is merged (embedded:... or a folder)")
+    ap.add_argument("--synthetic-tensors", type=int, default=None, help="N tensors in the synthetic state dict")
+    ap.add_argument("--synthetic-dim", type=int, default=None, help="each synthetic tensor is [D, D] fp32")
+    ap.add_argument("--policies", default=None, help="comma list of M values, e.g. 2,4")
+    ap.add_argument("--repeat", type=int, default=None, help="timed repetitions (median is reported)")
+    ap.add_argument("--lam", type=float, default=0.5)
+    ap.add_argument("--eta", type=float, default=0.5)
+    return common.apply_preset(ap.parse_args(argv), PRESETS)
+
+
+def float_names(state) -> list[str]:
+    from warp_dist import merging
+
+    return [k for k in merging.unique_names(state) if state[k].is_floating_point()]
+
+
+def state_bytes(state) -> int:
+    return sum(state[k].numel() * state[k].element_size() for k in float_names(state))
+
+
+def with_noise(init, seed: int):
+    """A policy: init + NOISE * N(0, 1) on every float tensor (tied tensors stay tied)."""
+    import torch
+
+    from warp_dist import merging
+
+    g = torch.Generator().manual_seed(seed)
+    out = merging.clone_state(init)
+    for k in float_names(out):
+        out[k].add_(torch.randn(out[k].shape, generator=g, dtype=out[k].dtype), alpha=NOISE)
+    return out
+
+
+def real_state(model: str):
+    from warp_dist.models import load_causal_lm, resolve_model_path
+
+    m = load_causal_lm(resolve_model_path(model), "float32", "cpu")
+    from warp_dist import merging
+
+    state = merging.clone_state(m.state_dict())
+    del m
+    return state
+
+
+def synthetic_state(n: int, dim: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer.{i}.weight": 0.02 * torch.randn(dim, dim, generator=g) for i in range(n)}
+
+
+def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dict]:
+    import torch
+
+    from warp_dist import dist as distmod
+    from warp_dist import merging
+
+    names = float_names(init)
+    B = state_bytes(init)
+    largest = max(init[k].numel() * 4 for k in names)  # fp32 bytes: the merge math runs in fp32
+    warm, acc = [], 0
+    for k in names:  # a warm-up slice: the first tensors up to WARMUP_BYTES (at least one)
+        warm.append(k)
+        acc += init[k].numel() * init[k].element_size()
+        if acc >= WARMUP_BYTES:
+            break
+    rows = []
+    for M in ms:
+        pols = policies_all[:M]
+
+        def clone_all(keys=names, pols=pols):
+            for st in (init, *pols):
+                for k in keys:
+                    st[k].clone()
+
+        def merge(keys=None, pols=pols):
+            if keys is None:
+                return merging.merge_state_dicts(init, pols, args.lam, args.eta)
+            return merging.merge_state_dicts({k: init[k] for k in keys}, [{k: p[k] for k in keys} for p in pols],
+                                             args.lam, args.eta)
+
+        t_clone = common.timeit(clone_all, repeat=args.repeat, warmup=1)
+        merge(warm)
+        t_merge = common.timeit(merge, repeat=args.repeat, warmup=0)
+        common.release_memory()
+
+        d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
+        if d.world_size != 1:
+            raise RuntimeError("merge.py measures the one-process merger: run it with plain python, not a launcher")
+        sources = {m: (lambda name, st=pols[m]: st[name]) for m in range(M)}
+        distmod.stream_merge(d, {k: init[k] for k in warm}, sources, args.lam, args.eta)  # warm-up
+        with common.PeakRSS() as mem:
+            t0 = time.perf_counter()
+            out = distmod.stream_merge(d, init, sources, args.lam, args.eta)
+            t_stream = time.perf_counter() - t0
+        # sanity: the streamed merge is the in-memory merge
+        ref, _ = merging.merge_state_dicts({k: init[k] for k in warm}, [{k: p[k] for k in warm} for p in pols],
+                                           args.lam, args.eta)
+        worst = max((ref[k] - out[0][k]).abs().max().item() for k in warm)
+        del out, ref
+        common.release_memory()
+
+        read_written = (M + 3) * B
+        merge_gbps = read_written / t_merge["median_s"] / common.GB
+        clone_gbps = 2 * (M + 1) * B / t_clone["median_s"] / common.GB
+        outputs = 2 * B
+        extra = mem.growth - outputs
+        theory = largest * (M + 2)
+        rows.append({
+            "state_dict": label, "M": M, "model_bytes": B, "num_tensors": len(names), "largest_tensor_bytes": largest,
+            "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"],
+            "merge_bytes": read_written, "merge_gbps": merge_gbps,
+            "clone_s": t_clone["median_s"], "clone_bytes": 2 * (M + 1) * B, "clone_gbps": clone_gbps,
+            "merge_over_clone_bandwidth": merge_gbps / clone_gbps,
+            "stream_merge_s": t_stream,
+            "stream_rss_peak_growth_bytes": mem.growth, "stream_outputs_bytes": outputs,
+            "stream_extra_bytes_measured": extra, "stream_extra_bytes_theoretical": theory,
+            "stream_extra_over_model": extra / B, "theoretical_over_model": theory / B,
+            "stream_vs_in_memory_max_abs_diff": worst,
+        })
+    return rows
+
+
+def table(res: dict) -> list[list[str]]:
+    rows = []
+    for r in res["rows"]:
+        rows.append([r["state_dict"], common.fmt(r["model_bytes"] / common.MB), str(r["num_tensors"]),
+                     common.fmt(r["largest_tensor_bytes"] / common.MB), str(r["M"]), common.fmt(r["merge_s"]),
+                     common.fmt(r["merge_gbps"]), common.fmt(r["clone_gbps"]),
+                     common.fmt_ratio(r["merge_over_clone_bandwidth"]), common.fmt(r["stream_merge_s"]),
+                     common.fmt(r["stream_extra_bytes_measured"] / common.MB),
+                     common.fmt(r["stream_extra_bytes_theoretical"] / common.MB),
+                     common.fmt_ratio(r["stream_extra_over_model"])])
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    ms = common.int_list(args.policies)
+    if not ms or min(ms) < 1:
+        raise SystemExit("--policies: a comma list of M >= 1")
+    rows = []
+    init = real_state(args.model)
+    pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
+    rows += bench_state(args.model, init, pols, ms, args)
+    del init, pols
+    common.release_memory()
+    n, dim = args.synthetic_tensors, args.synthetic_dim
+    init = synthetic_state(n, dim, args.seed)
+    pols = [with_noise(init, args.seed + 101 + m) for m in range(max(ms))]
+    rows += bench_state(f"synthetic {n} x [{dim}, {dim}]", init, pols, ms, args)
+    del init, pols
+    common.release_memory()
+    res = {
+        "config": {"model": args.model, "synthetic_tensors": n, "synthetic_dim": dim, "policies": ms,
+                   "repeat": args.repeat, "lam": args.lam, "eta": args.eta, "torch_threads": torch.get_num_threads()},
+        "rows": rows,
+        "counting": "merge bytes = read (init + M policies) + written (2 outputs) = (M+3) x model bytes; clone "
+                    "bytes = read + written = 2 x (M+1) x model bytes; model bytes = unique float tensors; GB = 1e9",
+        "notes": "stream extra = peak RSS growth during dist.stream_merge minus its 2 full outputs; theoretical = "
+                 "largest tensor x (M+2). The merge math's temporaries (M fp32 task vectors, fp64 copies for the "
+                 "angle and the Gram matrix) sit on top of the theoretical working set.",
+    }
+    return common.finish(NAME, args, argv, res, COLUMNS, table(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

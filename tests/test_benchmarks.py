@@ -1,0 +1,145 @@
+"""The benchmark scripts at --size tiny: each `main` writes a JSON with the expected fields and positive numbers,
+and run_all renders the report from those JSONs. Seconds per script; the scaling one launches 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import ROOT  # noqa: F401 - puts the repository root on sys.path
+
+MACHINE_KEYS = ("cpu_model", "cores", "torch", "transformers", "vllm", "cuda_device", "date")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One folder for the module: run_all's test renders whatever the benchmark tests wrote there."""
+    return tmp_path_factory.mktemp("bench_results")
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_written(res: dict, path, name: str) -> dict:
+    assert path.exists(), f"{name} wrote no JSON"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["benchmark"] == name and on_disk["size"] == "tiny"
+    assert on_disk["command"].startswith(f"python benchmarks/{name}.py --size tiny")
+    for k in MACHINE_KEYS:
+        assert k in on_disk["machine"], k
+    assert on_disk["machine"]["cores"] >= 1 and on_disk["machine"]["cpu_model"]
+    assert set(res) == set(on_disk)
+    assert not list(path.parent.glob("*.tmp")), "a temp file was left behind"
+    return on_disk
+
+
+def test_train_step(results, tiny_model_path):
+    from benchmarks import common, train_step
+
+    out = results / "train_step.json"
+    res = check_written(train_step.main(["--size", "tiny", "--out", str(out)]), out, "train_step")
+    want = ["hf"] + (["vllm"] if common.vllm_import_error() is None else [])
+    assert [b for b in res["backends"] if "skipped" not in res["backends"][b]] == want
+    for name in want:
+        r = res["backends"][name]
+        assert r["timed_steps"] == res["config"]["steps"] - 1
+        for k in ("generate_s", "score_s", "fwd_bwd_opt_s", "ema_s", "weight_push_s", "step_s",
+                  "generate_tokens_per_s", "step_tokens_per_s", "tokens_per_step", "weight_push_share"):
+            assert positive(r[k]), (name, k, r[k])
+        assert r["tokens_per_step"] == res["config"]["batch_size"] * res["config"]["new_tokens"]
+        assert r["weight_push_share"] < 1
+        parts = r["generate_s"] + r["score_s"] + r["fwd_bwd_opt_s"] + r["ema_s"] + r["weight_push_s"]
+        assert parts == pytest.approx(r["step_s"], rel=1e-6)
+    if "vllm" in want:
+        assert positive(res["ratios"]["hf_step_over_vllm_step"])
+        assert math.isfinite(res["backends"]["vllm"]["sampler_logprob_gap"])
+
+
+def test_merge(results, tiny_model_path):
+    from benchmarks import merge
+
+    out = results / "merge.json"
+    res = check_written(merge.main(["--size", "tiny", "--out", str(out)]), out, "merge")
+    rows = res["rows"]
+    assert [(r["state_dict"].split()[0], r["M"]) for r in rows] == [
+        ("embedded:tiny-gpt2", 2), ("embedded:tiny-gpt2", 4), ("synthetic", 2), ("synthetic", 4)]
+    for r in rows:
+        for k in ("model_bytes", "largest_tensor_bytes", "merge_s", "merge_gbps", "clone_s", "clone_gbps",
+                  "merge_over_clone_bandwidth", "stream_merge_s", "stream_extra_bytes_theoretical"):
+            assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
+        assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]
+        assert r["stream_extra_bytes_theoretical"] == r["largest_tensor_bytes"] * (r["M"] + 2)
+        assert r["stream_outputs_bytes"] == 2 * r["model_bytes"]
+        assert r["stream_vs_in_memory_max_abs_diff"] <= 1e-6
+    assert rows[2]["model_bytes"] == 8 * 256 * 256 * 4
+
+
+@pytest.mark.multiproc
+def test_scaling(results, tiny_model_path):
+    from benchmarks import scaling
+
+    out = results / "scaling.json"
+    res = check_written(scaling.main(["--size", "tiny", "--timeout", "240", "--out", str(out)]), out, "scaling")
+    (row,) = res["rows"]
+    par, seq = row["parallel"], row["sequential"]
+    assert row["M"] == 2 and par["ranks"] == 2 and seq["ranks"] == 1
+    assert par["train_ranks"] == [0, 1] and seq["train_ranks"] == [0]
+    assert par["train_records"] == seq["train_records"] == 2 * res["config"]["steps"]
+    assert par["eval_num_ranks"] == 2 and seq["eval_num_ranks"] == 1
+    for k in ("train_speedup", "wall_speedup", "eval_speedup"):
+        assert positive(row[k]), k
+    for run in (par, seq):
+        for k in ("wall_s", "train_phase_s", "eval_final_s"):
+            assert positive(run[k]), k
+    assert "cores" in res["notes"]
+
+
+def test_e2e(results, tiny_model_path):
+    from benchmarks import e2e
+
+    out = results / "e2e.json"
+    res = check_written(e2e.main(["--size", "tiny", "--timeout", "240", "--out", str(out)]), out, "e2e")
+    p, n = res["project"], res["naive"]
+    for run in (p, n):
+        for k in ("wall_s", "run_s", "weight_distance_to_sft"):
+            assert positive(run[k]), k
+        assert -1 <= run["final_reward_mean"] <= 1 and math.isfinite(run["final_kl_mean"])
+    assert positive(res["ratios"]["naive_over_project_wall"])
+    # tiny preset = 1 rank + HF backend: the naive loop must reproduce the project's run (same seeds, same math)
+    assert res["config"]["ranks"] == 1 and res["config"]["backend"] == "hf"
+    assert n["sft_reward_mean"] == pytest.approx(p["sft_reward_mean"], abs=1e-6)
+    assert n["final_reward_mean"] == pytest.approx(p["final_reward_mean"], abs=1e-4), \
+        "the naive loop no longer matches launch/warp.py: update benchmarks/e2e.py:naive_run"
+    assert n["weight_distance_to_sft"] == pytest.approx(p["weight_distance_to_sft"], rel=1e-4)
+
+
+def columns(line: str) -> int:
+    return line.count("|") - line.count("\\|")
+
+
+def test_run_all_plan_and_report(results, tmp_path):
+    from benchmarks import run_all
+
+    for size in ("tiny", "cpu"):
+        for name in run_all.ORDER:
+            argv = run_all.bench_argv(name, size, tmp_path)
+            assert argv[0] == "--size" and argv[-2:] == ["--out", str(tmp_path / f"{name}.json")]
+    assert "embedded:smollm2-135m" in run_all.bench_argv("rollout", "cpu", tmp_path)
+    md = tmp_path / "RESULTS.md"
+    res = run_all.main(["--size", "tiny", "--no-run", "--results-dir", str(results), "--out", str(md)])
+    assert res["failed"] == [] and md.exists()
+    text = md.read_text()
+    assert "## Machine" in text and "torch" in text
+    for i, name in enumerate(run_all.ORDER, 1):
+        section = text.split(f"## {i}. {run_all.TITLES[name]}")[1].split("\n## ")[0]
+        if not (results / f"{name}.json").exists():
+            assert "Not run" in section
+            continue
+        lines = [x for x in section.splitlines() if x.startswith("|")]
+        header, rows = lines[0], lines[2:]
+        assert header.endswith("| command |") and rows, name
+        for row in rows:
+            assert f"`python benchmarks/{name}.py" in row and columns(row) == columns(header), row
