@@ -1,11 +1,15 @@
 """Evaluate a finished run folder: SFT, every iteration's policies and merge, the eta front, baselines; then report.
 
-    python launch/eval.py --run runs/demo [--eta-grid 0,0.1,...,1] [--iterations] [--baselines runs/baselines/*]
-    accelerate launch --multi_gpu --num_processes 2 launch/eval.py --run runs/demo
+    python launch/eval.py --run runs/demo [--eta-grid 0,0.1,...,1] [--iterations] [--baselines runs/demo/baselines/*]
+    accelerate launch --num_processes 2 launch/eval.py --run runs/demo [dotted.key=value ...]
 
-Every model is evaluated by the trainer's own (sharded) evaluation on the run's held-out prompts and sampling seeds,
-so the eta = 0 and eta = 1 ends of the front reproduce the SFT and final rows exactly. Writes <run>/report/eval.json
-and, unless --no-report, report.md, report.html, pareto.png, training.png.
+Every model goes through the trainer's own sharded evaluation (`Warp.evaluate_state`: eval batch k on rank k % W,
+sampled with eval.seed + k) on the run's held-out prompts, so the numbers do not depend on the number of ranks and
+the eta = 0 / eta = 1 ends of the front reproduce the SFT / final rows exactly. Overrides apply on top of the run's
+config.yaml (e.g. eval.batch_size=64 data.num_eval_prompts=256 rollout.backend=hf). Rank 0 writes
+<run>/report/eval.json (a list of rows: name, kind, iteration, policy, eta, beta, folder + the metrics) and
+<run>/report/samples.json (SFT vs final continuations of the first eval prompts), then, unless --no-report,
+report.md, report.html, pareto.png and training.png (warp_dist.report). Assumes a filesystem every rank can read.
 """
 
 from __future__ import annotations
@@ -17,22 +21,47 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_GRID = ",".join(f"{i / 10:g}" for i in range(11))
+DEFAULT_GRID = "0,0.1,...,1"
+KINDS = ("sft", "policy", "merged", "front", "final", "baseline")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="evaluate a WARP run folder and build its report")
+    ap = argparse.ArgumentParser(description="evaluate a WARP run folder and build its report",
+                                 epilog="overrides: dotted.key=value on top of the run's config.yaml")
     ap.add_argument("--run", required=True, help="run folder written by launch/warp.py")
-    ap.add_argument("--eta-grid", default=DEFAULT_GRID, help="interpolation weights between SFT and final")
+    ap.add_argument("--eta-grid", default=DEFAULT_GRID,
+                    help="weights eta of (1 - eta) theta_sft + eta theta_final: a,b,c or a,b,...,c (default %(default)s)")
     ap.add_argument("--iterations", action="store_true", help="also the eta front of every iteration's merge")
-    ap.add_argument("--baselines", nargs="*", default=[], help="run folders of baselines (e.g. warp_dist.sweep)")
-    ap.add_argument("--no-report", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value on top of the run's config.yaml")
+    ap.add_argument("--baselines", nargs="*", default=[], help="finished run folders of baselines (warp_dist.sweep)")
+    ap.add_argument("--no-report", action="store_true", help="write eval.json only")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=64")
     return ap.parse_args(argv)
 
 
+def parse_grid(text: str) -> list[float]:
+    """'0,0.5,1' -> [0, 0.5, 1]; 'a,b,...,c' -> a, b, b + (b - a), ... up to c (an arithmetic progression)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if "..." in parts:
+        i = parts.index("...")
+        if i != 2 or len(parts) != 4:
+            raise ValueError("'...' must come as a,b,...,c")
+        a, b, c = float(parts[0]), float(parts[1]), float(parts[3])
+        step = b - a
+        if step <= 0 or c < a:
+            raise ValueError("a,b,...,c needs a < b and c >= a")
+        n = round((c - a) / step)
+        if abs(a + n * step - c) > 1e-9:
+            raise ValueError(f"c={c:g} is not a + k * (b - a)")
+        grid = [round(a + k * step, 10) for k in range(n + 1)]
+    else:
+        grid = [float(p) for p in parts]
+    if not grid or any(not 0 <= e <= 1 for e in grid):
+        raise ValueError("allowed: comma-separated numbers in [0, 1]")
+    return sorted(set(grid))
+
+
 def load_weights(folder: Path, like: dict):
-    """A run's HF folder as a state dict shaped like `like` (tied tensors stay tied)."""
+    """A run's HF model folder (safetensors) as a state dict shaped like `like` (tied tensors stay tied)."""
     from safetensors.torch import load_file
 
     from warp_dist import merging
@@ -46,6 +75,8 @@ def load_weights(folder: Path, like: dict):
         for k, v in load_file(str(f)).items():
             if k not in state:
                 raise KeyError(f"{f}: tensor {k!r} does not belong to the run's model")
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise ValueError(f"{f}: tensor {k!r} has shape {tuple(v.shape)}, the run's model {tuple(state[k].shape)}")
             state[k].copy_(v)
             seen.add(k)
     missing = [k for k in merging.unique_names(state) if k not in seen]
@@ -54,21 +85,42 @@ def load_weights(folder: Path, like: dict):
     return state
 
 
+def check_inputs(args, run: Path):
+    """Everything that can be wrong with the command line, before any model is loaded. -> (cfg, grid, baselines)."""
+    from warp_dist.config import ConfigError, load_config
+
+    if not (run / "config.yaml").is_file() or not (run / "final").is_dir():
+        raise ConfigError(f"--run {run}: not a finished run folder (needs config.yaml and final/)")
+    try:
+        grid = parse_grid(args.eta_grid)
+    except ValueError as exc:
+        raise ConfigError(f"--eta-grid {args.eta_grid!r}: {exc}") from None
+    cfg = load_config(run / "config.yaml", [*args.overrides, f"output_dir={run}", "progress=false"])
+    baselines = []
+    for b in args.baselines:
+        b = Path(b)
+        if not (b / "config.yaml").is_file() or not (b / "final").is_dir():
+            raise ConfigError(f"--baselines {b}: not a finished run folder (needs config.yaml and final/)")
+        bcfg = load_config(b / "config.yaml", [f"output_dir={b}"])
+        if bcfg.model.name != cfg.model.name:
+            raise ConfigError(f"--baselines {b}: trained from model.name={bcfg.model.name!r}, the run from "
+                              f"{cfg.model.name!r}: a baseline must start from the same SFT model")
+        baselines.append((b, bcfg))
+    return cfg, grid, baselines
+
+
+def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=None, beta=None, folder=None) -> dict:
+    return {"name": name, "kind": kind, "iteration": iteration, "policy": policy, "eta": eta, "beta": beta,
+            "folder": folder, **metrics}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = Path(args.run)
-    from warp_dist.config import ConfigError, load_config
+    from warp_dist.config import ConfigError
 
     try:
-        if not (run / "config.yaml").is_file() or not (run / "final").is_dir():
-            raise ConfigError(f"--run {run}: not a finished run folder (needs config.yaml and final/)")
-        grid = [float(x) for x in args.eta_grid.split(",") if x.strip()]
-        if not grid or any(not 0 <= e <= 1 for e in grid):
-            raise ConfigError(f"--eta-grid {args.eta_grid!r}: allowed comma-separated numbers in [0, 1]")
-        cfg = load_config(run / "config.yaml", [*args.overrides, f"output_dir={run}", "progress=false"])
-        for b in args.baselines:
-            if not (Path(b) / "final").is_dir():
-                raise ConfigError(f"--baselines {b}: not a finished run folder")
+        cfg, grid, baselines = check_inputs(args, run)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -76,65 +128,72 @@ def main(argv=None) -> int:
     from warp_dist import checkpoint, merging
     from warp_dist import dist as distmod
     from warp_dist.runner import log, quiet_libraries
-    from warp_dist.trainer import Warp, fmt_metrics
+    from warp_dist.trainer import Warp, fmt_metrics, sample_rows
 
+    # one "policy" over all ranks: evaluation shards batches over every rank whatever the run's M was
     d = distmod.init(1, cfg.dist_timeout_s, cpu=cfg.cpu)
     try:
         quiet_libraries()
+        # nothing is trained here: no DeepSpeed engine, and any train.batch_size the group accepts
+        cfg.train.deepspeed = ""
+        g = d.topo.group_size
+        cfg.train.batch_size = -(-cfg.train.batch_size // g) * g
         w = Warp(cfg, d, log=log)
-        rows = []
+        beta = cfg.train.beta
+        rows: list[dict] = []
 
         def add(name, kind, state, sft_res, **extra):
             res = w.evaluate_state(state, sft_res)
-            rows.append({"name": name, "kind": kind, **extra, **res.metrics})
+            rows.append(row(name, kind, res.metrics, **extra))
             w.log(fmt_metrics(name, res.metrics))
             return res
 
-        sft = add("sft", "sft", w.sft_state, None, eta=0.0)
+        w.log(f"eval: {run} on {len(w.eval_prompts)} held-out prompts, eval.seed={cfg.eval.seed}, "
+              f"{d.world_size} rank(s), eta grid {grid}")
+        sft = add("sft", "sft", w.sft_state, None, iteration=0, eta=0.0)
         final = load_weights(run / "final", w.sft_state)
-        fin = add("final", "final", final, sft, eta=1.0)
+        fin = add("final", "final", final, sft, iteration=cfg.train.iterations, eta=1.0, beta=beta,
+                  folder=str(run / "final"))
         it = 1
         while (run / f"iter_{it}").is_dir():
             folder = run / f"iter_{it}"
-            for p in sorted(folder.glob("policy_*")):
+            for p in sorted(folder.glob("policy_*"), key=lambda p: int(p.name.split("_")[1])):
                 add(f"iter {it} {p.name}", "policy", load_weights(p, w.sft_state), sft, iteration=it,
-                    policy=int(p.name.split("_")[1]))
+                    policy=int(p.name.split("_")[1]), beta=beta, folder=str(p))
             if (folder / "merged").is_dir():
                 merged = load_weights(folder / "merged", w.sft_state)
-                add(f"iter {it} merged", "merged", merged, sft, iteration=it)
-                if args.iterations:
+                add(f"iter {it} merged", "merged", merged, sft, iteration=it, beta=beta, folder=str(folder / "merged"))
+                if args.iterations and it < cfg.train.iterations:  # the last merge is final/: its front comes below
                     for eta in grid:
                         add(f"iter {it} front eta={eta:g}", "front", merging.interpolate_state(w.sft_state, merged, eta),
-                            sft, iteration=it, eta=eta)
+                            sft, iteration=it, eta=eta, beta=beta)
+                del merged
             it += 1
         for eta in grid:
-            add(f"front eta={eta:g}", "front", merging.interpolate_state(w.sft_state, final, eta), sft, eta=eta,
-                iteration=cfg.train.iterations)
-        for b in args.baselines:
-            bcfg = load_config(Path(b) / "config.yaml")
-            add(f"REINFORCE beta={bcfg.train.beta:g}", "baseline", load_weights(Path(b) / "final", w.sft_state), sft,
-                beta=bcfg.train.beta, folder=str(b))
+            add(f"front eta={eta:g}", "front", merging.interpolate_state(w.sft_state, final, eta), sft,
+                iteration=cfg.train.iterations, eta=eta, beta=beta)
+        for b, bcfg in baselines:
+            add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", w.sft_state),
+                sft, beta=bcfg.train.beta, folder=str(b))
         w.backend.close()
         if d.is_main:
-            checkpoint.write_json(run / "report" / "eval.json",
-                                  {"rows": rows, "samples": samples(w, sft, fin, cfg.eval.num_samples_shown)})
+            out = run / "report"
+            checkpoint.write_json(out / "samples.json",
+                                  sample_rows(w.eval_prompts.texts, sft, fin, cfg.eval.num_samples_shown))
+            checkpoint.write_json(out / "eval.json", rows)
+            log(f"wrote {out / 'eval.json'} ({len(rows)} rows)")
             if not args.no_report:
                 from warp_dist.report import build_report
 
-                out = build_report(run)
-                log(f"report: {out / 'report.md'}  {out / 'report.html'}  {out / 'pareto.png'}")
+                build_report(run)
+                log(f"report: {out / 'report.md'}  {out / 'report.html'}  {out / 'pareto.png'}  "
+                    f"{out / 'training.png'}")
         d.barrier()
         return 0
     except Exception as exc:  # noqa: BLE001 - a failing rank ends every rank
         if d.active:
             distmod.fail_fast(exc, d.rank)
         raise
-
-
-def samples(w, sft, fin, n: int) -> list[dict]:
-    """SFT vs final continuations of the first n eval prompts (same seeds), with their rewards."""
-    return [{"prompt": w.eval_prompts.texts[i], "sft": sft.texts[i], "sft_reward": sft.rewards[i],
-             "warp": fin.texts[i], "warp_reward": fin.rewards[i]} for i in range(min(n, len(fin.texts)))]
 
 
 if __name__ == "__main__":

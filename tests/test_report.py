@@ -1,14 +1,25 @@
-"""launch/eval.py and the report on a tiny finished run; the plain-REINFORCE baseline through the same path."""
+"""launch/eval.py and the report on a tiny finished run; the plain-REINFORCE baseline through the same path.
+
+One module-scoped fixture trains a tiny WARP run (2 iterations x 2 policies x 2 steps, iter_<i>/ kept) and a
+one-beta baseline sweep, then runs launch/eval.py once on them (~1.5 min on 2 cores); the other tests read its files.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import BIN, ROOT, free_port, subprocess_env
+
+KEYS = ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "length_mean", "num_prompts")
+TINY_BASELINE = ["model.name=embedded:tiny-gpt2", "rollout.backend=hf", "train.steps=3", "train.batch_size=8",
+                 "train.lr=1e-3", "data.num_train_prompts=64", "data.num_eval_prompts=16", "data.prompt_min_tokens=4",
+                 "eval.batch_size=8", "rollout.max_new_tokens=12", "progress=false"]
 
 
 def _run(args, timeout=300):
@@ -18,59 +29,207 @@ def _run(args, timeout=300):
     return proc
 
 
+def _eval_module():
+    spec = importlib.util.spec_from_file_location("launch_eval", ROOT / "launch" / "eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("report")
     run = root / "warp"
+    # eval.batch_size=8: the 16 eval prompts make 2 batches, so a 2-rank evaluation really splits them
     _run([str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={run}",
-          "train.steps=2", "save_iterations=true"])
+          "train.steps=2", "save_iterations=true", "eval.batch_size=8"])
     base = root / "baselines"
-    _run(["-m", "warp_dist.sweep", "--config", str(ROOT / "configs" / "baseline_reinforce.yaml"), "--betas", "0.05",
-          "--out", str(base), "model.name=embedded:tiny-gpt2", "rollout.backend=hf", "train.steps=3",
-          "train.batch_size=8", "train.lr=1e-3", "data.num_train_prompts=64", "data.num_eval_prompts=16",
-          "data.prompt_min_tokens=4", "eval.batch_size=16", "rollout.max_new_tokens=12", "progress=false"])
-    _run([str(ROOT / "launch" / "eval.py"), "--run", str(run), "--eta-grid", "0,0.5,1", "--baselines",
-          str(base / "beta_0.05")])
+    proc = _run(["-m", "warp_dist.sweep", "--config", str(ROOT / "configs" / "baseline_reinforce.yaml"),
+                 "--betas", "0.05", "--out", str(base), *TINY_BASELINE])
+    assert f"baselines: {base / 'beta_0.05'}" in proc.stdout
+    _run([str(ROOT / "launch" / "eval.py"), "--run", str(run), "--eta-grid", "0,0.5,1", "--iterations",
+          "--baselines", str(base / "beta_0.05")])
     return run, json.loads((run / "report" / "eval.json").read_text())
 
 
+def _by_name(rows):
+    return {r["name"]: r for r in rows}
+
+
+# ------------------------------------------------------------------------------------------ (a) the eta front
 def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
-    _, data = finished
-    rows = {r["name"]: r for r in data["rows"]}
+    run, rows = finished
+    assert isinstance(rows, list)
+    by = _by_name(rows)
     for end, ref in (("front eta=0", "sft"), ("front eta=1", "final")):
-        for key in ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "length_mean"):
-            assert rows[end][key] == rows[ref][key], (end, key)
-    assert rows["final"]["identical_fraction"] < 1.0
-    kinds = {r["kind"] for r in data["rows"]}
-    assert {"sft", "final", "policy", "merged", "front", "baseline"} <= kinds
-    assert len([r for r in data["rows"] if r["kind"] == "policy"]) == 4  # 2 iterations x 2 policies
+        for key in KEYS:
+            assert by[end][key] == by[ref][key], (end, key)
+    assert by["front eta=0"]["identical_fraction"] == 1.0 and by["front eta=0"]["kl_mean"] == 0.0
+    assert by["final"]["identical_fraction"] < 1.0
+    # the trainer's own final evaluation (summary.json) is reproduced from the saved folders
+    summary = json.loads((run / "summary.json").read_text())
+    for model in ("sft", "final"):
+        for key in ("reward_mean", "reward_std", "identical_fraction", "length_mean", "num_prompts"):
+            assert by[model][key] == summary[model][key], (model, key)
+        assert by[model]["kl_mean"] == pytest.approx(summary[model]["kl_mean"], abs=1e-6)
 
 
+def test_eval_rows_cover_policies_merges_fronts_and_baseline(finished):
+    _, rows = finished
+    for r in rows:
+        assert {"name", "kind", "iteration", "policy", "eta", "beta", *KEYS} <= r.keys(), r["name"]
+        assert r["kind"] in ("sft", "policy", "merged", "front", "final", "baseline")
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("sft") == 1 and kinds.count("final") == 1 and kinds.count("baseline") == 1
+    pols = [(r["iteration"], r["policy"]) for r in rows if r["kind"] == "policy"]
+    assert sorted(pols) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert sorted(r["iteration"] for r in rows if r["kind"] == "merged") == [1, 2]
+    fronts = {(r["iteration"], r["eta"]) for r in rows if r["kind"] == "front"}
+    assert fronts == {(it, e) for it in (1, 2) for e in (0.0, 0.5, 1.0)}  # --iterations: iteration 1's merge too
+    by = _by_name(rows)
+    # the last iteration's merge is final/: same weights, same numbers
+    assert all(by["iter 2 merged"][k] == by["final"][k] for k in KEYS)
+    # policies moved away from SFT, and the front is not flat
+    assert all(r["kl_mean"] != 0.0 for r in rows if r["kind"] == "policy")
+    assert by["front eta=0.5"]["identical_fraction"] < 1.0
+
+
+def test_samples_are_sft_vs_final_with_rewards(finished):
+    run, rows = finished
+    samples = json.loads((run / "report" / "samples.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(samples) == 2  # tiny.yaml: eval.num_samples_shown=2
+    assert samples == summary["samples"]  # same prompts, same seeds as the trainer's own samples
+
+
+# ------------------------------------------------------------------------------------------ (b) the report
 def test_report_files_are_real(finished):
     run, _ = finished
     out = run / "report"
+    import matplotlib.image
+
     for name in ("pareto.png", "training.png"):
         blob = (out / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 10_000, name
-        import matplotlib.image
-
         img = matplotlib.image.imread(str(out / name))
         assert img.shape[0] > 200 and img.shape[1] > 300
     md = (out / "report.md").read_text()
-    assert "pareto.png" in md and "| sft |" in md and "REINFORCE beta=0.05" in md
+    assert "(pareto.png)" in md and "(training.png)" in md
+    assert "| sft | sft |" in md and "| final | final |" in md and "beta_0.05 (REINFORCE beta=0.05)" in md
+    assert "## Merging vs its members" in md and "SFT continuation" in md
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 2 and page.count("<table>") >= 4
+    assert "src='pareto.png'" not in page  # self-contained
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
+def test_report_builds_from_rows_alone(tmp_path):
+    """No model: hand-written rows, a multi-rank metrics.jsonl (ranks of one group averaged), samples from summary."""
+    from warp_dist import report
+
+    out = tmp_path / "report"
+    out.mkdir()
+    m = {"reward_std": 0.1, "identical_fraction": 0.5, "length_mean": 10.0, "num_prompts": 4}
+    rows = [{"name": "sft", "kind": "sft", "iteration": 0, "policy": None, "eta": 0.0, "beta": None,
+             **m, "reward_mean": 0.0, "kl_mean": 0.0},
+            {"name": "final", "kind": "final", "iteration": 1, "policy": None, "eta": 1.0, "beta": 0.1,
+             **m, "reward_mean": 0.5, "kl_mean": 2.0},
+            *[{"name": f"front eta={e:g}", "kind": "front", "iteration": 1, "policy": None, "eta": e, "beta": 0.1,
+               **m, "reward_mean": e / 2, "kl_mean": 2 * e * e} for e in (0.0, 0.5, 1.0)],
+            {"name": "b (REINFORCE beta=0.2)", "kind": "baseline", "iteration": None, "policy": None, "eta": None,
+             "beta": 0.2, **m, "reward_mean": 0.3, "kl_mean": 1.5}]
+    (out / "eval.json").write_text(json.dumps(rows))
+    recs = [{"kind": "train", "iteration": 1, "policy": 0, "step": s, "rank": k, "reward_mean": float(k),
+             "kl_to_ema": 0.1 * s} for s in (1, 2, 3) for k in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"samples": [
+        {"prompt": "A | B", "sft": "meh", "sft_reward": -0.1, "warp": "great", "warp_reward": 0.8}]}))
+    assert report.training_curves(recs)[(1, 0)][0] == (1, 0.5, pytest.approx(0.1))
+    report.build_report(tmp_path)
+    for name in ("pareto.png", "training.png", "report.md", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "A \\| B" in md and "+0.800" in md and "## Merging vs its members" not in md
+    assert "<td>A | B</td>" in (out / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------ (c) the baseline
 def test_baseline_preset_trains_with_a_fixed_sft_anchor(finished):
-    run, data = finished
-    base = [r for r in data["rows"] if r["kind"] == "baseline"]
-    assert len(base) == 1 and base[0]["beta"] == 0.05 and base[0]["kl_mean"] != 0.0
-    cfg = (run.parent / "baselines" / "beta_0.05" / "config.yaml").read_text()
-    assert "anchor: sft" in cfg and "policies: 1" in cfg
+    run, rows = finished
+    (b,) = [r for r in rows if r["kind"] == "baseline"]
+    assert b["beta"] == 0.05 and b["name"] == "beta_0.05 (REINFORCE beta=0.05)"
+    assert b["kl_mean"] != 0.0 and b["identical_fraction"] < 1.0  # it trained, and eval.py read its final/
+    folder = run.parent / "baselines" / "beta_0.05"
+    import yaml
+
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    assert cfg["train"]["anchor"] == "sft" and cfg["train"]["policies"] == 1 and cfg["train"]["iterations"] == 1
+    assert cfg["merge"]["eta"] == 1.0 and cfg["train"]["beta"] == 0.05
+    recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if r["kind"] == "train"]) == 3
 
 
-def test_eval_rejects_a_folder_that_is_not_a_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "eval.py"), "--run", str(tmp_path)], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "not a finished run folder" in proc.stderr
+def test_baseline_preset_is_valid_as_shipped():
+    from warp_dist.config import load_config
+    from warp_dist.sweep import plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "baseline_reinforce.yaml")
+    assert (cfg.train.policies, cfg.train.iterations, cfg.train.anchor, cfg.merge.eta) == (1, 1, "sft", 1.0)
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    for part in ("model", "data", "reward", "rollout", "eval"):  # compared on the demo's prompts and reward
+        assert getattr(cfg, part) == getattr(demo, part), part
+    cfgs = plan_sweep(ROOT / "configs" / "baseline_reinforce.yaml", [0.01, 0.3], "runs/b", ["train.steps=2"])
+    assert [(c.train.beta, c.output_dir, c.train.steps) for c in cfgs] == [(0.01, "runs/b/beta_0.01", 2),
+                                                                          (0.3, "runs/b/beta_0.3", 2)]
+
+
+# ------------------------------------------------------------------------------------------ errors, grid
+def test_eta_grid_parsing():
+    ev = _eval_module()
+    assert ev.parse_grid("0,0.1,...,1") == [round(0.1 * i, 10) for i in range(11)]
+    assert ev.parse_grid("1,0,0.5") == [0.0, 0.5, 1.0]
+    for bad in ("", "0,2", "0,0.3,...,1", "a"):
+        with pytest.raises(ValueError):
+            ev.parse_grid(bad)
+
+
+def test_eval_rejects_bad_input_before_loading_anything(tmp_path, capsys):
+    ev = _eval_module()
+    assert ev.main(["--run", str(tmp_path)]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  name: embedded:tiny-gpt2\n")
+    assert ev.main(["--run", str(run), "--eta-grid", "0,1.5"]) == 2
+    assert "--eta-grid" in capsys.readouterr().err
+    other = tmp_path / "other"
+    (other / "final").mkdir(parents=True)
+    (other / "config.yaml").write_text("model:\n  name: embedded:smollm2-135m\n")
+    assert ev.main(["--run", str(run), "--baselines", str(other)]) == 2
+    assert "same SFT model" in capsys.readouterr().err
+    assert ev.main(["--run", str(run), "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ under accelerate
+@pytest.mark.multiproc
+def test_eval_on_two_ranks_matches_one(finished, tmp_path):
+    run, rows = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "iter_*"))
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "0,1", "--no-report", "cpu=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = _by_name(json.loads((copy / "report" / "eval.json").read_text()))
+    one = _by_name(rows)
+    assert set(two) == {"sft", "final", "front eta=0", "front eta=1"}
+    assert not (copy / "report" / "report.md").exists()  # --no-report
+    for name, r in two.items():
+        assert r["num_ranks"] == 2
+        for key in KEYS:
+            assert r[key] == pytest.approx(one[name][key], abs=1e-5), (name, key)
+    assert json.loads((copy / "report" / "samples.json").read_text()) == \
+        json.loads((run / "report" / "samples.json").read_text())
