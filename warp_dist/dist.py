@@ -124,7 +124,7 @@ def stream_merge(d: Dist, init: dict[str, torch.Tensor], sources: dict[int, Tens
     nxt: dict[str, torch.Tensor] = {}
     done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, base in init.items():
-        key = merging._storage_key(base)
+        key = merging.storage_key(base)
         if key in done:  # tied to an earlier tensor: share the result
             slerped[name], nxt[name] = done[key]
             continue

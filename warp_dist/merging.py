@@ -70,7 +70,7 @@ def merge_tensor(init: torch.Tensor, policies: list[torch.Tensor], lam: float, e
     return merged.to(init.dtype), liti(base, merged, eta).to(init.dtype)
 
 
-def _storage_key(v: torch.Tensor) -> tuple:
+def storage_key(v: torch.Tensor) -> tuple:
     if v.numel() == 0:
         return (id(v),)
     return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
@@ -81,7 +81,7 @@ def unique_names(state: dict[str, torch.Tensor]) -> list[str]:
     seen: set[tuple] = set()
     names = []
     for k, v in state.items():
-        key = _storage_key(v)
+        key = storage_key(v)
         if key not in seen:
             seen.add(key)
             names.append(k)
@@ -93,7 +93,7 @@ def clone_state(state: dict[str, torch.Tensor], device: str | torch.device = "cp
     copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, v in state.items():
-        key = _storage_key(v)
+        key = storage_key(v)
         if key not in copies:
             copies[key] = v.detach().to(device, copy=True)
         out[k] = copies[key]
@@ -104,7 +104,7 @@ def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], et
     """(1 - eta) * a + eta * b for every key of `a` (the LITI / eta front); ties shared, non-float from `a`."""
     out, done = {}, {}
     for k, v in a.items():
-        key = _storage_key(v)
+        key = storage_key(v)
         if key not in done:
             done[key] = liti(v, b[k], eta) if v.is_floating_point() else v
         out[k] = done[key]
@@ -117,7 +117,7 @@ def merge_state_dicts(init: dict[str, torch.Tensor], policies: list[dict[str, to
     and shared again in the outputs."""
     slerped, nxt, done = {}, {}, {}
     for k, v in init.items():
-        key = _storage_key(v)
+        key = storage_key(v)
         if key not in done:
             done[key] = merge_tensor(v, [p[k] for p in policies], lam, eta)
         slerped[k], nxt[k] = done[key]

