@@ -67,38 +67,68 @@ def parse_args(argv):
 
 # ------------------------------------------------------------------------------------------ the naive loop
 def naive_run(cfg) -> dict:
-    """WARP the simple way, one process: the reference point for the project's engineering."""
+    """WARP the simple way, one process, as a user writes it in an afternoon with plain transformers: HF `generate`,
+    a full forward/backward of the policy, a full forward of the EMA anchor, whole-model deep copies and
+    state-dict merges. Same algorithm, data, reward and seeds as the project; the reference point for its engineering.
+    """
     import torch
 
     from warp_dist import merging, rl
     from warp_dist.data import load_prompts
-    from warp_dist.evaluation import evaluate
     from warp_dist.models import load_causal_lm, load_tokenizer, resolve_model_path
     from warp_dist.rewards import build_reward
-    from warp_dist.rollout import HFBackend, SamplingConfig, build_batch
     from warp_dist.trainer import policy_seed
 
     t_start = time.perf_counter()
-    tc, ec = cfg.train, cfg.eval
+    tc, ec, ro = cfg.train, cfg.eval, cfg.rollout
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.model.dtype, device)
+    model = load_causal_lm(path, "float32", device)
     sft_model = copy.deepcopy(model).requires_grad_(False)
     reward_fn = build_reward(cfg.reward, device)
     train_prompts, eval_prompts = load_prompts(cfg.data, tok)
-    sampling = SamplingConfig.from_rollout(cfg.rollout)
-    backend = HFBackend(model, tok)
     sft_state = merging.clone_state(model.state_dict())
+    pad = tok.pad_token_id
     t_setup = time.perf_counter() - t_start
 
-    def run_eval(state, sft_completions):
+    def sample(prompts, seed):
+        """HF generate on a left-padded batch; returns (input_ids [B, L], prompt length P, completion mask)."""
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)
+        att = (torch.arange(P, device=device) >= torch.tensor([P - len(p) for p in prompts], device=device)[:, None])
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=att.long(), do_sample=True, max_new_tokens=ro.max_new_tokens,
+                             min_new_tokens=ro.min_new_tokens or None, temperature=ro.temperature, top_k=ro.top_k,
+                             top_p=ro.top_p, pad_token_id=pad)
+        comp = out[:, P:]
+        done = (comp == tok.eos_token_id).cumsum(-1)
+        cmask = (done == 0) | ((done == 1) & (comp == tok.eos_token_id))  # up to and including the first EOS
+        full_att = torch.cat([att.long(), cmask.long()], 1)
+        return out, full_att, P, cmask.float()
+
+    def seq_logp(m, ids, att, P):
+        logits = m(input_ids=ids, attention_mask=att).logits[:, P - 1:-1].float() / ro.temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)
+
+    def run_eval(state, sft_texts):
         model.load_state_dict(state)
-        return evaluate(model, sft_model, backend, tok, reward_fn, eval_prompts.ids, eval_prompts.texts, sampling,
-                        ec.seed, ec.batch_size, sft_completions)
+        rewards, kls, texts = [], [], []
+        with torch.no_grad():
+            for k, i in enumerate(range(0, len(eval_prompts), ec.batch_size)):
+                ids, att, P, cm = sample(eval_prompts.ids[i:i + ec.batch_size], ec.seed + k)
+                comp = [tok.decode(c[m.bool()], skip_special_tokens=True) for c, m in zip(ids[:, P:], cm, strict=True)]
+                rewards += reward_fn(eval_prompts.texts[i:i + ec.batch_size], comp).tolist()
+                kls += ((seq_logp(model, ids, att, P) - seq_logp(sft_model, ids, att, P)) * cm).sum(-1).tolist()
+                texts += comp
+        same = sum(a == b for a, b in zip(texts, sft_texts, strict=True)) / len(texts) if sft_texts else 1.0
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+        return {"reward_mean": mean, "reward_std": std, "kl_mean": sum(kls) / len(kls),
+                "identical_fraction": same, "num_prompts": len(rewards)}, texts
 
     t0 = time.perf_counter()
-    sft_eval = run_eval(sft_state, None)
+    sft_eval, sft_texts = run_eval(sft_state, None)
     init, slerp_state, evals = sft_state, sft_state, []
     for it in range(1, tc.iterations + 1):
         finals = []
@@ -115,16 +145,14 @@ def naive_run(cfg) -> dict:
             order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
             for step in range(1, tc.steps + 1):
                 idx = [order[((step - 1) * tc.batch_size + j) % len(order)] for j in range(tc.batch_size)]
-                gens = backend.generate([train_prompts.ids[j] for j in idx], sampling, seed=(seed * 100003 + step) * 64)
-                texts = tok.batch_decode(gens.completion_ids, skip_special_tokens=True)
-                reward = reward_fn([train_prompts.texts[j] for j in idx], texts)
-                ids, att, cm = build_batch(gens, tok.pad_token_id, device)
-                logp = rl.token_logprobs(model(input_ids=ids, attention_mask=att).logits.float() / sampling.temperature,
-                                         ids)
                 with torch.no_grad():
-                    logp_ema = rl.token_logprobs(
-                        ema(input_ids=ids, attention_mask=att).logits.float() / sampling.temperature, ids)
-                shaped = rl.kl_shaped_reward(reward.to(device), logp.detach(), logp_ema, cm, tc.beta)
+                    ids, att, P, cm = sample([train_prompts.ids[j] for j in idx], seed * 100003 + step)
+                comp = [tok.decode(c[k.bool()], skip_special_tokens=True) for c, k in zip(ids[:, P:], cm, strict=True)]
+                reward = reward_fn([train_prompts.texts[j] for j in idx], comp).to(device)
+                logp = seq_logp(model, ids, att, P)
+                with torch.no_grad():
+                    logp_ema = seq_logp(ema, ids, att, P)
+                shaped = rl.kl_shaped_reward(reward, logp.detach(), logp_ema, cm, tc.beta)
                 loss = rl.reinforce_loss(rl.sequence_logprob(logp, cm), shaped - rl.baseline(shaped, tc.baseline))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -137,11 +165,10 @@ def naive_run(cfg) -> dict:
         slerp_state, init = merging.merge_state_dicts(init, finals, cfg.merge.lam, cfg.merge.eta)
         del finals
         if ec.every_iteration and it < tc.iterations:
-            evals.append(run_eval(slerp_state, sft_eval.completions).metrics)
-    final = run_eval(slerp_state, sft_eval.completions)
+            evals.append(run_eval(slerp_state, sft_texts)[0])
+    final, _ = run_eval(slerp_state, sft_texts)
     t_run = time.perf_counter() - t0
-    return {"sft": sft_eval.metrics, "final": {**final.metrics,
-                                               "weight_distance_to_sft": merging.distance(slerp_state, sft_state)},
+    return {"sft": sft_eval, "final": {**final, "weight_distance_to_sft": merging.distance(slerp_state, sft_state)},
             "iteration_evals": evals, "setup_s": t_setup, "run_s": t_run, "total_s": time.perf_counter() - t_start}
 
 

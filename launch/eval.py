@@ -60,29 +60,21 @@ def parse_grid(text: str) -> list[float]:
     return sorted(set(grid))
 
 
-def load_weights(folder: Path, like: dict):
-    """A run's HF model folder (safetensors) as a state dict shaped like `like` (tied tensors stay tied)."""
-    from safetensors.torch import load_file
+def load_weights(folder: Path, w):
+    """A run's HF model folder as a source (parameter name -> fp32 tensor, read from disk on demand), checked
+    against the run's model `w` (a warp_dist.policy.Weights): every parameter present with its shape."""
+    from warp_dist.weights import ModelFiles, ParamFiles
 
-    from warp_dist import merging
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors (not a model folder of a finished run)")
-    state = merging.clone_state(like)
-    seen = set()
-    for f in files:
-        for k, v in load_file(str(f)).items():
-            if k not in state:
-                raise KeyError(f"{f}: tensor {k!r} does not belong to the run's model")
-            if tuple(v.shape) != tuple(state[k].shape):
-                raise ValueError(f"{f}: tensor {k!r} has shape {tuple(v.shape)}, the run's model {tuple(state[k].shape)}")
-            state[k].copy_(v)
-            seen.add(k)
-    missing = [k for k in merging.unique_names(state) if k not in seen]
-    if missing:
-        raise KeyError(f"{folder}: missing tensors {missing[:3]}")
-    return state
+    try:
+        files = ModelFiles(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no model.safetensors (not a model folder of a finished run)") from None
+    found = ParamFiles.match(files, w.names, w.aliases, w.shapes)
+    if found is None:
+        missing = [n for n in w.names if not any(k in files for k, v in w.aliases.items() if v == n)]
+        files.close()
+        raise KeyError(f"{folder}: tensors missing or of the wrong size for the run's model: {missing[:3]}")
+    return found.full
 
 
 def check_inputs(args, run: Path):
@@ -125,10 +117,11 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    from warp_dist import checkpoint, merging
+    from warp_dist import checkpoint
     from warp_dist import dist as distmod
     from warp_dist.runner import log, quiet_libraries
     from warp_dist.trainer import Warp, fmt_metrics, sample_rows
+    from warp_dist.weights import lerp_source
 
     # one "policy" over all ranks: evaluation shards batches over every rank whatever the run's M was
     d = distmod.init(1, cfg.dist_timeout_s, cpu=cfg.cpu)
@@ -150,32 +143,33 @@ def main(argv=None) -> int:
 
         w.log(f"eval: {run} on {len(w.eval_prompts)} held-out prompts, eval.seed={cfg.eval.seed}, "
               f"{d.world_size} rank(s), eta grid {grid}")
-        sft = add("sft", "sft", w.sft_state, None, iteration=0, eta=0.0)
-        final = load_weights(run / "final", w.sft_state)
+        pw = w.policy.w
+        sft = add("sft", "sft", w.sft.full, None, iteration=0, eta=0.0)
+        final = load_weights(run / "final", pw)
         fin = add("final", "final", final, sft, iteration=cfg.train.iterations, eta=1.0, beta=beta,
                   folder=str(run / "final"))
         it = 1
         while (run / f"iter_{it}").is_dir():
             folder = run / f"iter_{it}"
             for p in sorted(folder.glob("policy_*"), key=lambda p: int(p.name.split("_")[1])):
-                add(f"iter {it} {p.name}", "policy", load_weights(p, w.sft_state), sft, iteration=it,
+                add(f"iter {it} {p.name}", "policy", load_weights(p, pw), sft, iteration=it,
                     policy=int(p.name.split("_")[1]), beta=beta, folder=str(p))
             if (folder / "merged").is_dir():
-                merged = load_weights(folder / "merged", w.sft_state)
+                merged = load_weights(folder / "merged", pw)
                 add(f"iter {it} merged", "merged", merged, sft, iteration=it, beta=beta, folder=str(folder / "merged"))
                 if args.iterations and it < cfg.train.iterations:  # the last merge is final/: its front comes below
                     for eta in grid:
-                        add(f"iter {it} front eta={eta:g}", "front", merging.interpolate_state(w.sft_state, merged, eta),
+                        add(f"iter {it} front eta={eta:g}", "front", lerp_source(w.sft.full, merged, eta),
                             sft, iteration=it, eta=eta, beta=beta)
                 del merged
             it += 1
         for eta in grid:
-            add(f"front eta={eta:g}", "front", merging.interpolate_state(w.sft_state, final, eta), sft,
+            add(f"front eta={eta:g}", "front", lerp_source(w.sft.full, final, eta), sft,
                 iteration=cfg.train.iterations, eta=eta, beta=beta)
         for b, bcfg in baselines:
-            add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", w.sft_state),
+            add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", pw),
                 sft, beta=bcfg.train.beta, folder=str(b))
-        w.backend.close()
+        w.close()
         if d.is_main:
             out = run / "report"
             checkpoint.write_json(out / "samples.json",

@@ -6,19 +6,16 @@ import sys
 import torch
 
 from warp_dist import dist as distmod
-from warp_dist import merging
 from warp_dist.config import load_config
 from warp_dist.trainer import Warp
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 d = distmod.init(cfg.train.policies, 120)
 w = Warp(cfg, d, log=lambda *_: None)
-sft = w.evaluate_state(w.sft_state, None)
+sft_state = w.state_dict("sft")
+sft = w.evaluate_state(sft_state, None)
 g = torch.Generator().manual_seed(0)
-moved = merging.clone_state(w.sft_state)
-for k in merging.unique_names(moved):
-    if moved[k].is_floating_point():
-        moved[k] += 0.05 * torch.randn(moved[k].shape, generator=g)
+moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sft_state.items()}
 ev = w.evaluate_state(moved, sft)
 if d.is_main:
     with open(sys.argv[2], "w") as fh:

@@ -24,16 +24,17 @@ def _cfg(tmp_path, **train):
 
 def test_reward_rises_and_weights_and_generations_move(tmp_path, tiny_model_path):
     w = Warp(_cfg(tmp_path), log=lambda *_: None)
-    res = w.train_policy(w.sft_state, iteration=1, policy=0)
+    sft = w.state_dict("sft")
+    res = w.train_policy(iteration=1, policy=0)
+    trained = w.state_dict("policy")
     rewards = [h["reward_mean"] for h in res.history]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.05, f"reward did not rise: first {first:.3f} last {last:.3f}"
-    changed = [k for k in merging.unique_names(res.state)
-               if not torch.equal(res.state[k], w.sft_state[k])]
-    trainable = [k for k, _ in w.model.named_parameters()]
+    changed = [k for k in trained if not torch.equal(trained[k], sft[k])]
+    trainable = [k for k, p in w.policy.module.named_parameters() if p.requires_grad]
     assert set(trainable) <= set(changed), f"unchanged parameters: {set(trainable) - set(changed)}"
-    sft_eval = w.evaluate_state(w.sft_state, None)
-    trained_eval = w.evaluate_state(res.state, sft_eval)
+    sft_eval = w.evaluate_state(sft, None)
+    trained_eval = w.evaluate_state(trained, sft_eval)
     assert trained_eval.metrics["identical_fraction"] < 0.5
     assert trained_eval.metrics["reward_mean"] > sft_eval.metrics["reward_mean"]
     assert trained_eval.metrics["kl_mean"] > 0.0
@@ -41,8 +42,8 @@ def test_reward_rises_and_weights_and_generations_move(tmp_path, tiny_model_path
 
 def test_same_weights_give_identical_generations_and_zero_kl(tmp_path, tiny_model_path):
     w = Warp(_cfg(tmp_path), log=lambda *_: None)
-    a = w.evaluate_state(w.sft_state, None)
-    b = w.evaluate_state(merging.clone_state(w.sft_state), a)
+    a = w.evaluate_state(w.state_dict("sft"), None)
+    b = w.evaluate_state(merging.clone_state(w.state_dict("sft")), a)
     assert b.metrics["identical_fraction"] == 1.0
     assert abs(b.metrics["kl_mean"]) < 1e-6
     assert b.metrics["reward_mean"] == a.metrics["reward_mean"]
@@ -50,9 +51,10 @@ def test_same_weights_give_identical_generations_and_zero_kl(tmp_path, tiny_mode
 
 def test_ema_anchor_follows_policy_at_rate_mu(tmp_path, tiny_model_path):
     w = Warp(_cfg(tmp_path, steps=3, mu=0.5), log=lambda *_: None)
-    res = w.train_policy(w.sft_state, iteration=1, policy=0)
-    ema = w.ema_model.state_dict()
+    sft = w.state_dict("sft")
+    w.train_policy(iteration=1, policy=0)
+    ema, pol = w.state_dict("reference"), w.state_dict("policy")
     name = "transformer.h.0.mlp.c_fc.weight"
-    d_ema = (ema[name] - w.sft_state[name]).norm().item()
-    d_pol = (res.state[name] - w.sft_state[name]).norm().item()
+    d_ema = (ema[name] - sft[name]).norm().item()
+    d_pol = (pol[name] - sft[name]).norm().item()
     assert 0.0 < d_ema < d_pol

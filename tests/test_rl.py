@@ -281,33 +281,33 @@ def test_ema_on_module_parameters():
 # ------------------------------------------------------------------------------- build_batch / truncate
 
 
-def test_build_batch_right_padding_and_completion_mask():
+def test_build_batch_left_padded_prompts_right_padded_completions():
     prompts = [[5, 6, 7], [8], [9, 10]]
     comps = [[1, 2], [3], []]
-    ids, att, cm = build_batch(Generations(prompts, comps), pad_id=0)
-    assert ids.shape == (3, 5) and att.shape == (3, 5) and cm.shape == (3, 4)
-    assert ids.dtype == torch.long and att.dtype == torch.long and cm.dtype == torch.float32
-    assert ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 0, 0, 0], [9, 10, 0, 0, 0]]
-    assert att.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
-    assert cm.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
-    # generic rule: cm[b, t] == 1 iff input_ids[b, t+1] is a completion token
-    for b, (p, c) in enumerate(zip(prompts, comps, strict=True)):
-        for t in range(ids.shape[1] - 1):
-            assert cm[b, t].item() == float(len(p) <= t + 1 < len(p) + len(c))
-    # mask sums = completion lengths
-    assert cm.sum(-1).tolist() == [2.0, 1.0, 0.0]
+    b = build_batch(Generations(prompts, comps), pad_id=0)
+    assert b.ids.shape == (3, 5) and b.targets.shape == (3, 2) and b.mask.shape == (3, 2) and b.prompt_len == 3
+    assert b.ids.tolist() == [[5, 6, 7, 1, 2], [0, 0, 8, 3, 0], [0, 9, 10, 0, 0]]
+    assert b.att.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
+    assert b.targets.tolist() == [[1, 2], [3, 0], [0, 0]]
+    assert b.mask.tolist() == [[1, 1], [1, 0], [0, 0]]
+    # positions count real tokens only, so a left-padded prompt sees the positions it would see alone
+    assert b.pos.tolist()[1][2:4] == [0, 1] and b.pos.tolist()[2][1:3] == [0, 1]
+    assert b.keep == 3
 
 
-def test_build_batch_mask_selects_completion_logprobs():
-    """sequence_logprob(token_logprobs(...), completion_mask) sums exactly the completion tokens' log-probs."""
+def test_build_batch_keep_positions_predict_the_completion():
+    """logits of the last `keep` positions minus the final one are the ones that predict the completion tokens."""
     g = torch.Generator().manual_seed(0)
     prompts, comps = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
-    ids, _, cm = build_batch(Generations(prompts, comps), pad_id=0)
-    logits = torch.randn(*ids.shape, 10, generator=g)
-    seq = sequence_logprob(token_logprobs(logits, ids), cm)
-    for b, (p, c) in enumerate(zip(prompts, comps, strict=True)):
-        exp = sum(torch.log_softmax(logits[b, len(p) - 1 + i], -1)[tok].item() for i, tok in enumerate(c))
-        assert seq[b].item() == pytest.approx(exp, abs=1e-5)
+    b = build_batch(Generations(prompts, comps), pad_id=0)
+    logits = torch.randn(*b.ids.shape, 10, generator=g)
+    full = token_logprobs(logits, b.ids)  # [B, L-1]: entry t predicts ids[:, t+1]
+    P = b.prompt_len
+    kept = torch.log_softmax(logits[:, -b.keep:][:, :-1], -1).gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(kept * b.mask, full[:, P - 1:] * b.mask)
+    for i, c in enumerate(comps):
+        assert b.mask[i].sum().item() == len(c)
+        assert b.targets[i, : len(c)].tolist() == c
 
 
 def test_truncate_at_eos():

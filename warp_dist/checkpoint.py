@@ -55,6 +55,39 @@ def save_model(model, state: dict[str, torch.Tensor] | None, tokenizer, path: st
     return path
 
 
+def save_hf_folder(path: str | Path, config, tokenizer, names: list[str], shapes: dict, source, dtype: torch.dtype,
+                   buffers: dict[str, torch.Tensor] | None = None, generation_config=None) -> Path:
+    """HF folder (config.json, generation config, tokenizer, model.safetensors) written tensor by tensor.
+
+    `source(name)` gives each parameter (fp32, full shape); tied parameters are stored once under their first name
+    and persistent buffers are stored as they are. Loadable by transformers and vLLM. Temp folder + rename.
+    """
+    from .weights import write_stream
+
+    path = Path(path)
+    tmp = _tmp_dir_for(path)
+    try:
+        config.save_pretrained(str(tmp))
+        if generation_config is not None:
+            generation_config.save_pretrained(str(tmp))
+        buffers = buffers or {}
+        specs = [(n, tuple(shapes[n]), dtype) for n in names]
+        specs += [(k, tuple(b.shape), b.dtype if not b.is_floating_point() else dtype) for k, b in buffers.items()]
+
+        def stream():
+            for n in names:
+                yield n, source(n)
+            yield from buffers.items()
+
+        write_stream(tmp / "model.safetensors", specs, stream())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

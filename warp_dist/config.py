@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights; merging is always fp32)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (weights, EMA, theta_init and merging stay fp32)
     cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
 
 
@@ -53,11 +53,11 @@ class RewardConfig:
 @dataclass
 class VllmConfig:
     gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for the engine
-    kv_cache_space_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    kv_cache_space_gb: float = 0.0  # CPU KV cache in GiB; 0 = sized to the largest batch (train or eval)
     cpu_bind: str = "auto"  # CPU: VLLM_CPU_OMP_THREADS_BIND; auto = split cores between local ranks; "" = leave
     enforce_eager: bool = True
     sleep_mode: bool = True  # CUDA only: sleep the engine during training steps
-    max_model_len: int = 512
+    max_model_len: int = 512  # upper bound; the engine is sized to prompt + max_new_tokens
 
 
 @dataclass
@@ -68,6 +68,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    num_completions: int = 1  # k completions per training prompt; k > 1 uses a per-prompt baseline (RLOO)
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -76,13 +77,13 @@ class TrainConfig:
     iterations: int = 2  # I
     policies: int = 2  # M
     steps: int = 10  # T, optimizer steps per policy per iteration
-    batch_size: int = 16  # prompts per step (one completion each)
+    batch_size: int = 16  # prompts per policy step (x rollout.num_completions completions), split over the group
     lr: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.1  # KL coefficient against the EMA anchor
     mu: float = 0.01  # EMA rate: ema <- (1 - mu) ema + mu theta
-    baseline: str = "loo"  # mean (batch mean) | loo (leave-one-out)
+    baseline: str = "loo"  # loo (leave-one-out) | mean; over the whole group batch, per prompt when k > 1
     anchor: str = "ema"  # ema (WARP: EMA of the policy, rate mu) | sft (plain KL-regularised RL: fixed SFT anchor)
     seed: int = 0  # policy m uses seed + 1000 * iteration + m
     deepspeed: str = ""  # "" = plain AdamW (DDP inside a group of several ranks); else a DeepSpeed JSON (ZeRO-2/3)
@@ -214,7 +215,8 @@ def validate(c: WarpConfig) -> None:
     _check(t.iterations >= 1, "train.iterations", "I >= 1", t.iterations)
     _check(t.steps >= 1, "train.steps", "T >= 1", t.steps)
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _check(t.baseline != "loo" or t.batch_size >= 2, "train.batch_size", ">= 2 with baseline=loo", t.batch_size)
+    _check(t.baseline != "loo" or ro.num_completions >= 2 or t.batch_size >= 2, "train.batch_size",
+           ">= 2 with baseline=loo (or rollout.num_completions >= 2)", t.batch_size)
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
     _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
@@ -224,7 +226,8 @@ def validate(c: WarpConfig) -> None:
     _check(t.anchor in ("ema", "sft"), "train.anchor", "ema | sft", t.anchor)
     _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
     _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
-    _check(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32 | bfloat16 | float16", c.model.dtype)
+    _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
+           "float32 | bfloat16 (float16 would need loss scaling; bfloat16 keeps fp32 master weights)", c.model.dtype)
     _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
     _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
     _check(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)
@@ -246,7 +249,8 @@ def validate(c: WarpConfig) -> None:
     _check(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
     _check(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
     _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
-    _check(ro.vllm.kv_cache_space_gb > 0, "rollout.vllm.kv_cache_space_gb", "> 0", ro.vllm.kv_cache_space_gb)
+    _check(ro.vllm.kv_cache_space_gb >= 0, "rollout.vllm.kv_cache_space_gb", ">= 0 (0 = sized to the batch)",
+           ro.vllm.kv_cache_space_gb)
     _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
     _check(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
     _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)

@@ -56,8 +56,38 @@ class Prompts:
         return len(self.ids)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos_token_id] when the tokenizer puts BOS in front of a text by default (Llama, Mistral, Gemma...), else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if len(with_special) > len(plain) and with_special[0] == bos else []
+
+
+def decode_pairs(tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+                 ) -> tuple[list[str], list[str]]:
+    """(prompt texts, completion texts) such that prompt + completion is the decoded WHOLE sequence.
+
+    Decoding the completion on its own drops the leading space of SentencePiece tokenizers ("was" + "great") and
+    garbles a multibyte character split at the boundary, so the whole sequence is decoded once and the completion is
+    what follows the decoded prompt (the completion alone only if the prompt text is not a prefix).
+    """
+    prompts, completions = [], []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        ptext = tokenizer.decode(p, skip_special_tokens=True)
+        full = tokenizer.decode(list(p) + list(c), skip_special_tokens=True)
+        prompts.append(ptext)
+        completions.append(full[len(ptext):] if full.startswith(ptext) else
+                           tokenizer.decode(c, skip_special_tokens=True))
+    return prompts, completions
+
+
 def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_tokens: int, seed: int) -> Prompts:
+    """The first k tokens of each review (k uniform in [min, max]), after BOS when the tokenizer adds one."""
     rng = random.Random(seed)
+    bos = bos_prefix(tokenizer)
     ids, out = [], []
     for t in texts:
         if len(ids) == n:
@@ -66,8 +96,8 @@ def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_token
         k = rng.randint(min_tokens, max_tokens)
         if len(tok) < k + 1:
             continue
-        ids.append(tok[:k])
-        out.append(tokenizer.decode(tok[:k]))
+        ids.append(bos + tok[:k])
+        out.append(tokenizer.decode(tok[:k], skip_special_tokens=True))
     if len(ids) < n:
         raise RuntimeError(f"only {len(ids)} reviews are long enough for {n} prompts")
     return Prompts(ids, out)

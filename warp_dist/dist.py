@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from . import merging
 from .topology import Topology, plan
 
 
@@ -29,8 +28,22 @@ class Dist:
     local_world_size: int
     device: torch.device
     topo: Topology
-    group: object = None  # this rank's policy-group process group (None with one rank per group)
-    groups: tuple = ()
+    group: object = None  # this rank's policy-group process group (None with one process)
+    groups: tuple = ()  # every policy group's process group, in group order
+    solo: object = None  # a one-rank process group of this rank (DeepSpeed's model-parallel group)
+
+    @property
+    def group_size(self) -> int:
+        return self.topo.group_size
+
+    @property
+    def group_rank(self) -> int:
+        return self.topo.rank_in_group(self.rank)
+
+    @property
+    def is_leader(self) -> bool:
+        """First rank of this rank's policy group: it sends the group's policies to the merger."""
+        return self.group_rank == 0
 
     @property
     def is_main(self) -> bool:
@@ -58,20 +71,55 @@ class Dist:
         tdist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def group_all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a same-shaped tensor of every rank of this policy group along dim 0 (group-rank order)."""
+        if self.group_size == 1:
+            return t
+        parts = [torch.empty_like(self.comm_tensor(t)) for _ in range(self.group_size)]
+        tdist.all_gather(parts, self.comm_tensor(t).contiguous(), group=self.group)
+        return torch.cat([p.to(t.device) for p in parts])
+
+    def group_any(self, flag: bool) -> bool:
+        """True if `flag` is true on any rank of this policy group (keeps a group's loops in step)."""
+        if self.group_size == 1:
+            return flag
+        t = self.comm_tensor(torch.tensor([1.0 if flag else 0.0]))
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def group_of_rank0(self) -> bool:
+        """Is this rank in policy group 0 (the merger's group)?"""
+        return self.topo.group_of(self.rank) == 0
+
     def comm_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Tensors travel on the device of the backend (CUDA for NCCL, CPU for gloo)."""
         return t.to(self.device) if self.device.type == "cuda" else t.cpu()
 
 
-def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False) -> Dist:
-    """Join the ranks `accelerate launch` started, build the policy groups; one process needs no process group."""
+def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_process_group: bool = False) -> Dist:
+    """Join the ranks `accelerate launch` started, build the policy groups.
+
+    One process needs no process group unless `need_process_group` (DeepSpeed): then a one-rank gloo/NCCL group is
+    started on a free local port.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     topo = plan(world, num_policies)  # fails before any process group exists
     cpu = cpu or not torch.cuda.is_available()
     if cpu:
         set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if world == 1:
+    if world == 1 and not need_process_group:
         return Dist(0, 1, 0, 1, torch.device("cpu" if cpu else "cuda"), topo)
+    if world == 1 and not tdist.is_initialized():
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     from accelerate import PartialState
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -79,12 +127,12 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False) -> Dist
         tdist.init_process_group("gloo" if cpu else "nccl", timeout=timeout)
     state = PartialState(cpu=cpu)  # cpu=True is what makes Accelerate see MULTI_CPU ranks
     rank, world = state.process_index, state.num_processes
-    groups = []
-    for ranks in topo.groups:  # every rank creates every group, in the same order
-        groups.append(tdist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None)
+    # every rank creates every group, in the same order: the policy groups, then a one-rank group per rank
+    groups = tuple(tdist.new_group(list(ranks), timeout=timeout) for ranks in topo.groups)
+    solos = [tdist.new_group([r], timeout=timeout) for r in range(world)]
     device = torch.device("cpu") if cpu else state.device
     return Dist(rank, world, state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                device, topo, groups[topo.group_of(rank)], tuple(groups))
+                device, topo, groups[topo.group_of(rank)], groups, solos[rank])
 
 
 def set_cpu_threads(local_world_size: int) -> int:
@@ -109,59 +157,88 @@ def fail_fast(exc: BaseException, rank: int) -> None:
 TensorSource = Callable[[str], torch.Tensor]
 
 
-def stream_merge(d: Dist, init: dict[str, torch.Tensor], sources: dict[int, TensorSource], lam: float, eta: float
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-    """SLERP + LITI tensor by tensor on rank 0, broadcast to every rank.
+def gather_full_at_zero(d: Dist, part: torch.Tensor, numel: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Rank 0 assembles a full fp32 tensor from the equal-sized slices held by the ranks of group 0 (every rank of
+    group 0 calls this; other ranks must not). Returns the tensor on rank 0, None elsewhere."""
+    if d.group_size == 1:
+        return part.float().view(shape) if d.is_main else None
+    t = d.comm_tensor(part.float().contiguous())
+    parts = [torch.empty_like(t) for _ in range(d.group_size)] if d.is_main else None
+    tdist.gather(t, parts, dst=0, group=d.groups[0])
+    if not d.is_main:
+        return None
+    return torch.cat([p.cpu() for p in parts])[:numel].view(shape)
 
-    `init` is theta_init (every rank holds it); `sources[m](name)` returns policy m's tensor for the policies this
-    rank's group trains (every rank of a group calls it, in the same order, so a ZeRO-3 gather inside it works).
-    Rank 0 holds at most M tensors of one name at a time. Returns (theta_slerp, next theta_init, dots) on every
-    rank, where dots[i, j] = <delta_i, delta_j> summed over tensors (for diagnostics).
+
+def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], init_part: Callable[[str], torch.Tensor],
+                 sources: dict[int, TensorSource], merge_fn: Callable, on_slerp: Callable[[str, torch.Tensor], None],
+                 on_main: Callable[..., None] | None = None) -> None:
+    """The WARP merge, one parameter at a time, with rank 0 as the merger.
+
+    For each name: rank 0 assembles theta_init (`init_part(name)` is this rank's flat slice; group 0's slices are
+    gathered) and receives every policy's tensor from the leader of the group that trained it (`sources[m](name)`,
+    called on leaders only; receiving the next tensor overlaps merging this one), computes
+    `merge_fn(init, policies) -> (theta_slerp, next_init)`, calls `on_main(name, init, slerp, next_init, policies)`
+    (files, diagnostics), and broadcasts theta_slerp (one broadcast per tensor). Every rank then gets `on_slerp(name, full)`
+    to update its own slices (its theta_init -> LITI, its policy module -> theta_slerp). Rank 0's extra memory is the
+    M received tensors, the gathered theta_init and the outputs of one parameter (plus one tensor in flight).
     """
     M = d.topo.num_policies
-    dots = torch.zeros(M, M, dtype=torch.float64)
-    slerped: dict[str, torch.Tensor] = {}
-    nxt: dict[str, torch.Tensor] = {}
-    done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, base in init.items():
-        key = merging.storage_key(base)
-        if key in done:  # tied to an earlier tensor: share the result
-            slerped[name], nxt[name] = done[key]
-            continue
-        local = {m: src(name) for m, src in sources.items()}
-        if not base.is_floating_point():
-            done[key] = (base, base)
-            slerped[name], nxt[name] = base, base
-            continue
+    leaders = {m: d.topo.leader_of_policy(m) for m in range(M)}
+    mine = {m: src for m, src in sources.items() if leaders[m] == d.rank}
+
+    def fetch_local(name):
+        return {m: src(name).to(torch.float32).contiguous() for m, src in mine.items()}
+
+    def post(name):
+        """Start moving `name`'s policies to rank 0: (rank 0) receive handles + buffers, (leaders) send handles."""
+        if not d.active:
+            return None
         if d.is_main:
-            tensors = []
+            bufs, works = {}, []
             for m in range(M):
-                if m in local:
-                    tensors.append(local[m].detach().to("cpu", torch.float32))
-                else:
-                    buf = d.comm_tensor(torch.empty(base.shape, dtype=base.dtype))
-                    tdist.recv(buf, src=d.topo.leader_of_policy(m))
-                    tensors.append(buf.to("cpu", torch.float32))
-            merging.accumulate_dots(dots, base, tensors)
-            s, n = merging.merge_tensor(base, tensors, lam, eta)
-            del tensors
+                if leaders[m] != 0:
+                    bufs[m] = d.comm_tensor(torch.empty(shapes[name], dtype=torch.float32))
+                    works.append(tdist.irecv(bufs[m], src=leaders[m], tag=m))
+            return bufs, works
+        local = fetch_local(name)
+        sent = {m: d.comm_tensor(t) for m, t in local.items()}
+        return sent, [tdist.isend(t, dst=0, tag=m) for m, t in sent.items()]
+
+    pending = post(names[0]) if names else None
+    for i, name in enumerate(names):
+        current = pending
+        pending = post(names[i + 1]) if i + 1 < names.__len__() else None
+        shape = shapes[name]
+        numel = int(torch.Size(shape).numel())
+        init_full = gather_full_at_zero(d, init_part(name), numel, shape) if d.group_of_rank0() else None
+        if d.is_main:
+            local = fetch_local(name)
+            if current is not None:
+                bufs, works = current
+                for w in works:
+                    w.wait()
+                local.update({m: b.to("cpu") for m, b in bufs.items()})
+            policies = [local[m] for m in range(M)]
+            slerp, nxt = merge_fn(init_full, policies)
+            if on_main is not None:
+                on_main(name, init_full, slerp, nxt, policies)
+            del policies, local, nxt
+            out = slerp.to(torch.float32).contiguous()
         else:
-            for m, t in local.items():
-                if d.topo.leader_of_policy(m) == d.rank:
-                    tdist.send(d.comm_tensor(t.detach().to(base.dtype).contiguous()), dst=0)
-            s, n = torch.empty_like(base), torch.empty_like(base)
+            if current is not None:
+                for w in current[1]:
+                    w.wait()
+            out = torch.empty(shape, dtype=torch.float32)
         if d.active:
-            for t in (s, n):
-                buf = d.comm_tensor(t.contiguous())
-                tdist.broadcast(buf, src=0)
-                t.copy_(buf.to(t.device))
-        s, n = s.to(base.device), n.to(base.device)
-        done[key] = (s, n)
-        slerped[name], nxt[name] = s, n
-    return slerped, nxt, d.broadcast_object(dots)
+            buf = d.comm_tensor(out)
+            tdist.broadcast(buf, src=0)
+            out = buf.to("cpu") if buf is not out else out
+        on_slerp(name, out)
+        del out, init_full
 
 
-# ------------------------------------------------------------------------------ training engines for one policy
+# ------------------------------------------------------------------------------ DeepSpeed's view of a policy group
 class GroupMPU:
     """What DeepSpeed's `mpu=` asks for: data parallelism over this policy's group only, no model parallelism."""
 
@@ -185,96 +262,3 @@ class GroupMPU:
 
     def get_model_parallel_world_size(self):
         return 1
-
-
-class PolicyEngine:
-    """Forward, backward + optimizer step, EMA and weight access for one policy on this rank's group.
-
-    kind: 'plain' (a group of one rank), 'ddp' (DistributedDataParallel on the group's process group) or
-    'deepspeed' (ZeRO-2/3 from a JSON file, data-parallel over the group through `GroupMPU`).
-    """
-
-    def __init__(self, d: Dist, model: torch.nn.Module, init_state: dict, tc, ds_config: str = "",
-                 solo_groups: dict | None = None):
-        self.d, self.tc = d, tc
-        self.zero3 = False
-        if ds_config:
-            self.kind = "deepspeed"
-            self._init_deepspeed(model, init_state, ds_config, solo_groups or {})
-        else:
-            model.load_state_dict(init_state)
-            self.module = model
-            self.params = [p for p in model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
-            if d.group is not None:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                self.kind = "ddp"
-                self.forward_module = DDP(model, process_group=d.group,
-                                          device_ids=[d.device.index] if d.device.type == "cuda" else None)
-            else:
-                self.kind = "plain"
-                self.forward_module = model
-
-    def _init_deepspeed(self, model, init_state, ds_config, solo_groups):
-        import copy
-        import json
-
-        try:
-            import deepspeed
-        except ImportError:
-            raise RuntimeError("train.deepspeed is set but DeepSpeed is not installed: pip install -e .[deepspeed]") from None
-        with open(ds_config) as fh:
-            conf = json.load(fh)
-        g = len(self.d.topo.groups[self.d.topo.group_of(self.d.rank)])
-        per_rank = self.tc.batch_size // g
-        conf.update(train_micro_batch_size_per_gpu=per_rank, gradient_accumulation_steps=1,
-                    train_batch_size=per_rank * g, gradient_clipping=self.tc.max_grad_norm)
-        conf["optimizer"] = {"type": "AdamW", "params": {"lr": self.tc.lr, "weight_decay": self.tc.weight_decay,
-                                                         "torch_adam": True}}
-        self.zero3 = conf.get("zero_optimization", {}).get("stage", 0) == 3
-        module = copy.deepcopy(model)  # the plain model stays whole for evaluation
-        module.load_state_dict(init_state)
-        group = self.d.group
-        if group is None:  # a one-rank group still needs a process group of its own for DeepSpeed
-            group = solo_groups[self.d.rank]
-        mpu = GroupMPU(group, solo_groups[self.d.rank])
-        self.engine, _, _, _ = deepspeed.initialize(model=module, config=conf, mpu=mpu,
-                                                    model_parameters=[p for p in module.parameters()
-                                                                      if p.requires_grad])
-        self.module = self.engine.module
-        self.forward_module = self.engine
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-
-    def step(self, loss: torch.Tensor) -> float:
-        if self.kind == "deepspeed":
-            self.engine.backward(loss)
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm).item()
-        self.opt.step()
-        return norm
-
-    def gathered(self, params):
-        """Context in which ZeRO-3 partitioned parameters are whole (a no-op otherwise); collective in the group."""
-        import contextlib
-
-        if self.zero3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the policy's full weights (gathered under ZeRO-3)."""
-        with self.gathered(self.module.parameters()):
-            return merging.clone_state(self.module.state_dict(), "cpu")
-
-    def close(self) -> None:
-        if self.kind == "deepspeed":
-            self.engine.destroy() if hasattr(self.engine, "destroy") else None
-            del self.engine
-        self.opt = None

@@ -126,6 +126,37 @@ def load_tokenizer(path: str):
     return tok
 
 
+def eos_token_ids(tokenizer, model_path: str) -> set[int]:
+    """Tokens that end a completion: the tokenizer's EOS and the generation config's (which may list several)."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        from transformers import GenerationConfig
+
+        gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+    except OSError:
+        pass
+    return eos
+
+
+def param_layout(model_path: str) -> tuple[list[str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """(unique parameter names, state-dict key -> parameter name (tied keys included), shapes) from config.json
+    alone: the model is built on the meta device, so no memory is used and no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    names, aliases, shapes, first = [], {}, {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = name
+            names.append(name)
+            shapes[name] = tuple(p.shape)
+        aliases[name] = first[id(p)]
+    return names, aliases, shapes
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
     """AutoModelForCausalLM from a resolved path, in train mode with dropout off (REINFORCE wants exact log-probs)."""
     from transformers import AutoModelForCausalLM

@@ -32,16 +32,27 @@ def kl_shaped_reward(reward: torch.Tensor, logp: torch.Tensor, logp_ref: torch.T
     return (reward - beta * kl).detach()
 
 
-def baseline(shaped: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample baseline for [B] rewards: 'mean' (batch mean) or 'loo' (mean of the other B-1)."""
+def baseline(shaped: torch.Tensor, kind: str, num_completions: int = 1) -> torch.Tensor:
+    """Per-sample baseline for [N] rewards.
+
+    num_completions k = 1: over the whole batch, 'mean' (batch mean) or 'loo' (mean of the other N-1).
+    k > 1: the N = P * k samples are prompt-major (prompt i's k completions are contiguous) and the baseline is per
+    prompt: 'loo' is RLOO (mean of the prompt's other k-1 completions), 'mean' the prompt's mean.
+    Pass the whole policy-group batch (gathered over the group's ranks) so the estimator does not depend on how many
+    ranks share the batch.
+    """
+    if kind not in ("mean", "loo"):
+        raise ValueError(f"unknown baseline {kind!r}: allowed mean | loo")
+    k = num_completions
+    if k < 1 or shaped.numel() % k:
+        raise ValueError(f"{shaped.numel()} rewards cannot be split into groups of num_completions={k}")
+    groups = shaped.reshape(-1, shaped.numel() if k == 1 else k)
+    n = groups.shape[1]
     if kind == "mean":
-        return shaped.mean().expand_as(shaped)
-    if kind == "loo":
-        n = shaped.numel()
-        if n < 2:
-            raise ValueError("leave-one-out baseline needs at least 2 samples")
-        return (shaped.sum() - shaped) / (n - 1)
-    raise ValueError(f"unknown baseline {kind!r}: allowed mean | loo")
+        return groups.mean(-1, keepdim=True).expand_as(groups).reshape(shaped.shape)
+    if n < 2:
+        raise ValueError("leave-one-out baseline needs at least 2 samples per group")
+    return ((groups.sum(-1, keepdim=True) - groups) / (n - 1)).reshape(shaped.shape)
 
 
 def reinforce_loss(seq_logp: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:

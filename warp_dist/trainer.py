@@ -1,19 +1,19 @@
 """The WARP loop (arXiv 2406.16768, Algorithm 1), readable top to bottom.
 
 Variant implemented: for i in 1..I, M policies start from theta_init and each runs T steps of REINFORCE on
-one completion per prompt with the KL-shaped reward r - beta * sum_t(log pi - log pi_ema) (baseline: batch mean
-or leave-one-out); the EMA anchor starts at theta_init and moves with rate mu after every optimizer step.
-The M task vectors are merged with SLERP (iteratively with 1/m for M > 2), then theta_init <- LITI(eta).
-Output: the last theta_slerp. Departures from the paper: one sample per prompt, AdamW instead of Adafactor,
-log-probs at the sampling temperature without top-k/top-p renormalisation.
+k completions per prompt (default 1) with the KL-shaped reward r - beta * sum_t(log pi - log pi_ema); the baseline
+is leave-one-out (RLOO per prompt when k > 1) or the mean, computed over the whole policy-group batch. The EMA anchor
+starts at theta_init and moves with rate mu after every optimizer step. The M task vectors are merged with SLERP
+(one angle per tensor; iteratively with 1/m for M > 2), then theta_init <- LITI(eta). Output: the last theta_slerp.
+Every log-prob (policy, anchor, SFT) is taken under the distribution the tokens were sampled from (temperature,
+min_new_tokens, top-k/top-p; see `warp_dist.sampling`). Departures from the paper: AdamW instead of Adafactor.
 
-Phases: setup -> (train policies -> merge -> diagnose -> evaluate) x I -> final evaluation -> save.
-`train_policy` is one call so the distributed runner can place each policy on its own ranks.
+Phases: setup -> evaluate SFT -> (train policies -> merge -> diagnose -> evaluate) x I -> final evaluation -> save.
+What each rank holds, and in which dtype, is `warp_dist.policy`'s memory rule; this file only runs the algorithm.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, merging, rl
+from . import checkpoint, merging, rl, sampling
 from . import dist as distmod
 from .config import WarpConfig
-from .data import load_prompts
-from .evaluation import EvalResult, batch_starts, sample_and_score, summarize
-from .models import load_causal_lm, load_tokenizer, resolve_model_path
+from .data import decode_pairs, load_prompts
+from .evaluation import EvalResult, summarize
+from .models import eos_token_ids, load_tokenizer, param_layout, resolve_model_path
+from .policy import DTYPES, InitStore, Policy, Reference, autocast, build_module, deepspeed_config
 from .rewards import build_reward
 from .rollout import SamplingConfig, build_batch, make_backend
+from .weights import ModelFiles, ParamFiles, SafeFile, Source, StreamWriter, source_part, write_stream
 
 
 class NoProgressError(RuntimeError):
@@ -39,44 +41,83 @@ def policy_seed(base: int, iteration: int, policy: int) -> int:
     return base + 1000 * iteration + policy
 
 
+def step_seed(seed: int, step: int) -> int:
+    return seed * 100003 + step
+
+
 @dataclass
 class PolicyResult:
-    state: dict[str, torch.Tensor]
     history: list[dict] = field(default_factory=list)
+    path: Path | None = None  # fp32 safetensors of the trained policy (written by its group leader)
 
 
 class Warp:
-    """One process's view of a WARP run: models, reward, prompts, rollout backend, metrics log."""
+    """One process's view of a WARP run: policy, reference, theta_init, reward, prompts, rollout backend, metrics."""
 
     def __init__(self, cfg: WarpConfig, dist: distmod.Dist | None = None, log=print, metrics_path=None):
-        self.dist = dist or distmod.init(cfg.train.policies, cfg.dist_timeout_s, cpu=cfg.cpu)
-        self.cfg, self.device, self.is_main = cfg, self.dist.device, self.dist.is_main
+        tc = cfg.train
+        self.dist = dist or distmod.init(tc.policies, cfg.dist_timeout_s, cpu=cfg.cpu,
+                                         need_process_group=bool(tc.deepspeed))
+        d = self.dist
+        self.cfg, self.device, self.is_main = cfg, d.device, d.is_main
         self.log = log if self.is_main else (lambda *_: None)
         self.metrics = checkpoint.MetricsLog(metrics_path if self.is_main else None)
-        g = self.dist.topo.group_size
-        if cfg.train.batch_size % g:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the policy group size {g}")
-        self.local_batch = cfg.train.batch_size // g
-        # DeepSpeed needs a process group even for a group of one rank: create one per rank, on every rank
-        self.solo_groups = {}
-        if cfg.train.deepspeed and self.dist.active:
-            import torch.distributed as tdist
-
-            self.solo_groups = {r: tdist.new_group([r]) for r in range(self.dist.world_size)}
+        if tc.batch_size % d.group_size:
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the policy group size "
+                             f"{d.group_size}")
+        self.local_batch = tc.batch_size // d.group_size
+        self.k = cfg.rollout.num_completions
+        self.compute_dtype = DTYPES[cfg.model.dtype]
+        self.state_dir = Path(cfg.output_dir) / "state"
         self.model_path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.model = load_causal_lm(self.model_path, cfg.model.dtype, self.device)
-        self.sft_model = copy.deepcopy(self.model).requires_grad_(False)
-        self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
-        self.sft_state = merging.clone_state(self.model.state_dict(), "cpu")
+        self.pad = self.tokenizer.pad_token_id
+        self.sampling = SamplingConfig.from_rollout(cfg.rollout, eos_token_ids(self.tokenizer, self.model_path))
         self.reward = build_reward(cfg.reward, self.device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer)
-        self.sampling = SamplingConfig.from_rollout(cfg.rollout)
-        self.backend = make_backend(cfg.rollout.backend, self.model, self.tokenizer, self.model_path,
-                                    cfg.rollout.vllm, seed=cfg.train.seed + 7919 * self.dist.rank, log=self.log)
+        # the models (see warp_dist.policy for what each holds): SFT on disk, policy, reference, theta_init
+        ds_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, training=True) if tc.deepspeed else None
+        ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, training=False) if tc.deepspeed else None
+        self.sft = self._open_sft()
+        module = build_module(self.model_path, d, ds_conf, self.sft.part)
+        self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
+        self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf)
+        self.init = InitStore(self.policy.w)
+        self.init.fill_(self.sft.part)
+        max_len = cfg.data.prompt_max_tokens + 2 + cfg.rollout.max_new_tokens
+        self.backend = make_backend(
+            cfg.rollout.backend, module_fn=lambda: self.policy.module, tokenizer=self.tokenizer,
+            model_path=self.model_path, eos_ids=self.sampling.eos_ids, dtype=cfg.model.dtype, device=self.device,
+            vllm_cfg=cfg.rollout.vllm, seed=tc.seed + 7919 * d.rank,
+            autocast_fn=lambda: autocast(self.device, self.compute_dtype),
+            sync=d.group_any if (self.policy.w.zero3 and d.group_size > 1) else None,
+            max_seqs=max(self.local_batch * self.k, cfg.eval.batch_size), max_len=max_len, log=self.log)
         self.version = 0
         self.timers: dict[str, float] = {}
         self._pending: list[dict] = []
+
+    # ---------------------------------------------------------------- setup helpers
+    def _open_sft(self) -> ParamFiles:
+        """The SFT parameters on disk, tensor by tensor: the model folder itself when its safetensors carry every
+        parameter, else a canonical fp32 copy `state/sft.safetensors` written once by rank 0."""
+        names, aliases, shapes = param_layout(self.model_path)
+        try:
+            found = ParamFiles.match(ModelFiles(self.model_path), names, aliases, shapes)
+        except FileNotFoundError:
+            found = None
+        if found is not None:
+            return found
+        path = self.state_dir / "sft.safetensors"
+        if self.is_main and not path.exists():
+            from .models import load_causal_lm
+
+            model = load_causal_lm(self.model_path, "float32", "cpu")
+            params = dict(model.named_parameters())
+            write_stream(path, [(n, shapes[n], torch.float32) for n in names],
+                               ((n, params[n].detach()) for n in names))
+            del model, params
+        self.dist.barrier()
+        return ParamFiles(SafeFile(path), {n: n for n in names})
 
     # ---------------------------------------------------------------- helpers
     def _clock(self) -> float:
@@ -88,93 +129,27 @@ class Warp:
     def _tick(self, phase: str, seconds: float) -> None:
         self.timers[phase] = self.timers.get(phase, 0.0) + seconds
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Put `state` into the (whole, unwrapped) model and the rollout engine (new weights version)."""
-        self.model.load_state_dict(state)
-        self.push_weights(self.model)
-
-    def push_weights(self, module, engine=None) -> None:
-        """New weights version into the rollout backend (gathered first when ZeRO-3 partitions them)."""
+    def push_weights(self) -> None:
+        """New weights version into the rollout backend (streamed tensor by tensor; gathered under ZeRO-3)."""
         t0 = time.perf_counter()
         self.version += 1
-        if engine is not None:
-            with engine.gathered(engine.module.parameters()):
-                self.backend.update_weights(module, self.version)
-        else:
-            self.backend.update_weights(module, self.version)
+        self.backend.update_weights(lambda: self.policy.w.iter_full(with_aliases=True), self.version)
         self._tick("sync", time.perf_counter() - t0)
 
-    # ---------------------------------------------------------------- phase: RL for one policy
-    def train_policy(self, init_state: dict[str, torch.Tensor], iteration: int, policy: int,
-                     progress=None) -> PolicyResult:
-        """T REINFORCE steps from `init_state` with an EMA anchor; returns the trained weights (CPU copy)."""
-        tc, d = self.cfg.train, self.dist
-        seed = policy_seed(tc.seed, iteration, policy)
-        torch.manual_seed(seed)
-        eng = distmod.PolicyEngine(d, self.model, init_state, tc, tc.deepspeed, self.solo_groups)
-        self.push_weights(eng.module, eng)
-        fixed_anchor = tc.anchor == "sft"  # plain KL-regularised REINFORCE baseline: the anchor never moves
-        self.ema_model.load_state_dict(self.sft_state if fixed_anchor else init_state)
-        ema_params = [e for e, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True)
-                      if p.requires_grad]
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.train_prompts), generator=gen).tolist()
-        r, g, B = d.topo.rank_in_group(d.rank), d.topo.group_size, self.local_batch
-        pad = self.tokenizer.pad_token_id
-        history = []
-        for step in range(1, tc.steps + 1):
-            t0 = self._clock()
-            # the group's step batch is tc.batch_size prompts; rank r of the group takes every g-th one
-            idx = [order[((step - 1) * tc.batch_size + j * g + r) % len(order)] for j in range(B)]
-            prompts = [self.train_prompts.ids[j] for j in idx]
-            texts = [self.train_prompts.texts[j] for j in idx]
-            gens = self.backend.generate(prompts, self.sampling, seed=(seed * 100003 + step) * 64 + r,
-                                         version=self.version)
-            t1 = self._clock()
-            completions = self.tokenizer.batch_decode(gens.completion_ids, skip_special_tokens=True)
-            reward = self.reward(texts, completions)
-            t2 = self._clock()
-            self.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
-            ids, att, cm = build_batch(gens, pad, self.device)
-            logits = eng.forward_module(input_ids=ids, attention_mask=att).logits
-            logp = rl.token_logprobs(logits.float() / self.sampling.temperature, ids)
-            with torch.no_grad():
-                logp_ema = rl.token_logprobs(
-                    self.ema_model(input_ids=ids, attention_mask=att).logits.float() / self.sampling.temperature, ids)
-            shaped = rl.kl_shaped_reward(reward.to(self.device), logp.detach(), logp_ema, cm, tc.beta)
-            adv = shaped - rl.baseline(shaped, tc.baseline)
-            loss = rl.reinforce_loss(rl.sequence_logprob(logp, cm), adv)
-            grad_norm = eng.step(loss)
-            if not fixed_anchor:
-                with eng.gathered(eng.params):
-                    rl.ema_update(ema_params, eng.params, tc.mu)
-            t3 = self._clock()
-            self.push_weights(eng.module, eng)
-            t4 = self._clock()
-            self._tick("generate", t1 - t0)
-            self._tick("score", t2 - t1)
-            self._tick("train", t3 - t2)
-            kl_ema = rl.kl_estimate(logp.detach(), logp_ema, cm).mean().item()
-            rec = {"kind": "train", "iteration": iteration, "policy": policy, "step": step, "rank": d.rank,
-                   "time": time.time(),
-                   "reward_mean": reward.mean().item(), "reward_std": reward.std(unbiased=False).item(),
-                   "shaped_reward_mean": shaped.mean().item(), "kl_to_ema": kl_ema, "loss": loss.item(),
-                   "grad_norm": grad_norm, "length_mean": float(cm.sum(-1).mean().item()),
-                   "time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_train_s": t3 - t2,
-                   "time_sync_s": t4 - t3, "tokens_per_s": gens.num_tokens / max(t1 - t0, 1e-9)}
-            if gens.sampler_logprobs is not None:
-                rec["sampler_logprob_gap"] = sampler_gap(gens.sampler_logprobs, logp.detach().cpu(), cm.cpu())
-            history.append(rec)
-            self.record(rec)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{rec['reward_mean']:+.3f}", kl=f"{kl_ema:.3f}")
-            elif step % self.cfg.log_every == 0 or step == tc.steps:
-                self.log(f"iter {iteration} policy {policy} step {step}/{tc.steps} reward {rec['reward_mean']:+.4f} "
-                         f"kl_ema {kl_ema:.4f} loss {rec['loss']:+.4f} |g| {grad_norm:.3f}")
-        state = eng.state_dict()
-        eng.close()
-        return PolicyResult(state, history)
+    def logprobs(self, logits_fn, batch, support=None):
+        """Completion log-probs from `logits_fn` (a model's) under the sampling distribution. -> ([B, C], support)"""
+        logits = logits_fn(batch.ids, batch.att, batch.pos, batch.keep)[:, :-1]
+        s = self.sampling
+        return sampling.token_logprobs(logits, batch.targets, batch.mask, s.temperature, s.top_k, s.top_p,
+                                       s.min_new_tokens, s.eos_ids, support=support, return_support=True)
+
+    def state_dict(self, which: str = "policy") -> dict[str, torch.Tensor]:
+        """Full fp32 copy of the policy's (or the reference's, or the SFT) parameters — for tests and small models;
+        a collective under ZeRO-3."""
+        if which == "sft":
+            return {n: self.sft.full(n) for n in self.policy.names}
+        w = self.policy.w if which == "policy" else self.reference.w
+        return dict(w.iter_full(torch.float32))
 
     def record(self, rec: dict) -> None:
         """Metrics go to rank 0's JSONL; other ranks hold theirs until `gather_records`."""
@@ -189,17 +164,171 @@ class Warp:
                 self.metrics.write(rec)
         self._pending = []
 
+    # ---------------------------------------------------------------- phase: RL for one policy
+    def train_policy(self, iteration: int, policy: int, progress=None) -> PolicyResult:
+        """T REINFORCE steps from theta_init with an EMA anchor; the trained weights stay in the policy module."""
+        tc = self.cfg.train
+        seed = policy_seed(tc.seed, iteration, policy)
+        torch.manual_seed(seed)
+        self.policy.begin(self.init)
+        if tc.anchor == "sft":  # plain KL-regularised REINFORCE baseline: the anchor never moves
+            self.reference.load_(self.sft.part, "sft")
+        else:
+            self.reference.load_(self.init.part, "ema")
+        self.push_weights()
+        order = torch.randperm(len(self.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+        history = []
+        for step in range(1, tc.steps + 1):
+            rec = self.rl_step(iteration, policy, step, seed, order)
+            history.append(rec)
+            self.record(rec)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{rec['reward_mean']:+.3f}", kl=f"{rec['kl_to_ema']:.3f}")
+            elif step % self.cfg.log_every == 0 or step == tc.steps:
+                self.log(f"iter {iteration} policy {policy} step {step}/{tc.steps} reward {rec['reward_mean']:+.4f} "
+                         f"kl_ema {rec['kl_to_ema']:.4f} loss {rec['loss']:+.4f} |g| {rec['grad_norm']:.3f}")
+        self.policy.end()
+        return PolicyResult(history)
+
+    def rl_step(self, iteration: int, policy: int, step: int, seed: int, order: list[int]) -> dict:
+        tc, d, k = self.cfg.train, self.dist, self.k
+        g, r, B = d.group_size, d.group_rank, self.local_batch
+        t0 = self._clock()
+        # the group's step batch is tc.batch_size prompts; rank r of the group takes every g-th one, k times each
+        slots = [j * g + r for j in range(B)]
+        idx = [order[((step - 1) * tc.batch_size + s) % len(order)] for s in slots]
+        prompts = [self.train_prompts.ids[i] for i in idx for _ in range(k)]
+        gens = self.backend.generate(prompts, self.sampling, seed=step_seed(seed, step), version=self.version,
+                                     indices=[s * k + c for s in slots for c in range(k)])
+        t1 = self._clock()
+        ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
+        reward = self.reward(ptexts, ctexts)
+        t2 = self._clock()
+        self.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
+        batch = build_batch(gens, self.pad, self.device)
+        logp, support = self.logprobs(self.policy.loss_logits, batch)
+        with torch.no_grad():
+            logp_ref, _ = self.logprobs(self.reference.logits, batch, support)
+        shaped = rl.kl_shaped_reward(reward.to(self.device), logp.detach(), logp_ref, batch.mask, tc.beta)
+        adv = shaped - self.group_baseline(shaped)
+        loss = rl.reinforce_loss(rl.sequence_logprob(logp, batch.mask), adv)
+        grad_norm = self.policy.step(loss)
+        if tc.anchor == "ema":
+            self.reference.ema_update_(self.policy, tc.mu)
+        t3 = self._clock()
+        self.push_weights()
+        t4 = self._clock()
+        self._tick("generate", t1 - t0)
+        self._tick("score", t2 - t1)
+        self._tick("train", t3 - t2)
+        kl_ema = rl.kl_estimate(logp.detach(), logp_ref, batch.mask).mean().item()
+        rec = {"kind": "train", "iteration": iteration, "policy": policy, "step": step, "rank": d.rank,
+               "time": time.time(),
+               "reward_mean": reward.mean().item(), "reward_std": reward.std(unbiased=False).item(),
+               "shaped_reward_mean": shaped.mean().item(), "kl_to_ema": kl_ema, "loss": loss.item(),
+               "grad_norm": grad_norm, "length_mean": float(batch.mask.sum(-1).mean().item()),
+               "time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_train_s": t3 - t2,
+               "time_sync_s": t4 - t3, "tokens_per_s": gens.num_tokens / max(t1 - t0, 1e-9)}
+        if gens.sampler_logprobs is not None:
+            rec["sampler_logprob_gap"] = sampler_gap(gens.sampler_logprobs, logp.detach().cpu(), batch.mask.cpu())
+        return rec
+
+    def group_baseline(self, shaped: torch.Tensor) -> torch.Tensor:
+        """This rank's baselines, computed over the whole group batch (so the estimator does not depend on G)."""
+        g, k, B = self.dist.group_size, self.k, self.local_batch
+        if g == 1:
+            return rl.baseline(shaped, self.cfg.train.baseline, k)
+        every = self.dist.group_all_gather(shaped.detach())  # [g * B * k], rank-major
+        # rank r's j-th prompt is slot j * g + r of the group batch: put the batch back in slot order
+        ordered = every.view(g, B, k).transpose(0, 1).reshape(-1)
+        base = rl.baseline(ordered, self.cfg.train.baseline, k).view(B, g, k)
+        return base[:, self.dist.group_rank].reshape(-1)
+
+    def save_policy(self, iteration: int, policy: int) -> Path:
+        """The trained policy as fp32 safetensors (its group gathers tensor by tensor, the leader writes)."""
+        path = self.state_dir / "blobs" / f"iter{iteration}_policy{policy}.safetensors"
+        w = self.policy.w
+        stream = w.iter_full(torch.float32)
+        if self.dist.is_leader:
+            write_stream(path, [(n, w.shapes[n], torch.float32) for n in w.names], stream)
+        else:
+            for _ in stream:
+                pass
+        return path
+
+    # ---------------------------------------------------------------- phase: merge (rank 0 streams, all update)
+    def merge(self, iteration: int, policy_paths: dict[int, Path]) -> dict:
+        """SLERP + LITI of this iteration's policies, tensor by tensor (see dist.stream_merge).
+
+        After it: every rank's theta_init slices are the next theta_init, its policy module holds theta_slerp, and
+        rank 0 has written both as fp32 safetensors (state/blobs) plus the merge diagnostics.
+        """
+        cfg, d, w = self.cfg, self.dist, self.policy.w
+        files = {m: SafeFile(p) for m, p in policy_paths.items() if d.topo.leader_of_policy(m) == d.rank}
+        sources = {m: (lambda name, f=f: f.get(name)) for m, f in files.items()}
+        blobs = self.state_dir / "blobs"
+        stats = MergeDiagnostics(d.topo.num_policies) if d.is_main else None
+        writers = []
+        if d.is_main:
+            specs = [(n, w.shapes[n], torch.float32) for n in w.names]
+            writers = [StreamWriter(blobs / f"iter{iteration}_slerp.safetensors", specs),
+                       StreamWriter(blobs / f"iter{iteration + 1}_init.safetensors", specs)]
+
+        def on_main(name, init, slerp, nxt, policies):
+            if not torch.isfinite(slerp).all():
+                raise FloatingPointError(f"iteration {iteration} merge: theta_slerp of {name} is not finite")
+            stats.add(init, policies, slerp, nxt, self.sft.full(name))
+            writers[0].add(name, slerp)
+            writers[1].add(name, nxt)
+
+        def merge_fn(init_full, policies):
+            return merging.merge_tensor(init_full, policies, cfg.merge.lam, cfg.merge.eta)
+
+        def on_slerp(name, full):
+            start, count = w.span(name)
+            part = source_part(lambda _: full)(name, start, count)
+            self.init.parts[name].lerp_(part, cfg.merge.eta)  # the next theta_init (LITI), this rank's slice
+            w.local(name).copy_(part)  # the policy module now holds theta_slerp (for evaluation and saving)
+
+        try:
+            distmod.stream_merge(d, w.names, w.shapes, lambda n: self.init.parts[n], sources, merge_fn, on_slerp,
+                                 on_main if d.is_main else None)
+            for wr in writers:
+                wr.close()
+        except BaseException:
+            for wr in writers:
+                wr.abort()
+            raise
+        finally:
+            for f in files.values():
+                f.close()
+        diag = d.broadcast_object(stats.summary() if d.is_main else None)
+        return diag
+
     # ---------------------------------------------------------------- phase: evaluation (sharded over ranks)
-    def evaluate_state(self, state: dict[str, torch.Tensor], sft: EvalResult | None) -> EvalResult:
-        """Evaluate `state` on the held-out prompts; batch k goes to rank k % W; every rank gets the result."""
+    def evaluate_state(self, state: Source | dict | None, sft: EvalResult | None) -> EvalResult:
+        """Evaluate weights on the held-out prompts (None = what the policy module holds now). Batch k of the
+        prompts goes to rank k % W; every prompt is sampled with its own seed, so the numbers do not depend on W."""
         t0 = time.perf_counter()
-        self.load_weights(state)
+        if state is not None:
+            src = state if callable(state) else (lambda n, s=state: s[n].float())
+            self.policy.w.load_(source_part(src))
+        self.reference.load_(self.sft.part, "sft")
+        self.push_weights()
         ec, d = self.cfg.eval, self.dist
-        nb = len(batch_starts(len(self.eval_prompts), ec.batch_size))
+        nb = -(-len(self.eval_prompts) // ec.batch_size)
         mine = [k for k in range(nb) if k % d.world_size == d.rank]
-        records, times = sample_and_score(self.model, self.sft_model, self.backend, self.tokenizer, self.reward,
-                                          self.eval_prompts.ids, self.eval_prompts.texts, self.sampling, ec.seed,
-                                          ec.batch_size, mine, self.version)
+        rounds = -(-nb // d.world_size)  # every rank runs the same number of batches (ZeRO-3 forwards are collective)
+        records, times = [], {"generate": 0.0, "score": 0.0, "kl": 0.0, "tokens": 0}
+        for i in range(rounds):
+            real = i < len(mine)
+            k = mine[i] if real else 0
+            got, t = self.eval_batch(k)
+            if real:
+                records += got
+                for key in times:
+                    times[key] += t[key]
         gathered = d.all_gather_object((records, times))
         res = summarize([r for recs, _ in gathered for r in recs], [t for _, t in gathered],
                         sft.completions if sft is not None else None)
@@ -209,60 +338,83 @@ class Warp:
         self._tick("eval", time.perf_counter() - t0)
         return res
 
+    @torch.no_grad()
+    def eval_batch(self, k: int) -> tuple[list[dict], dict]:
+        ec = self.cfg.eval
+        lo = k * ec.batch_size
+        ids = self.eval_prompts.ids[lo: lo + ec.batch_size]
+        t0 = time.perf_counter()
+        gens = self.backend.generate(ids, self.sampling, ec.seed, version=self.version,
+                                     indices=list(range(lo, lo + len(ids))))
+        t1 = time.perf_counter()
+        ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
+        r = self.reward(ptexts, ctexts).tolist()
+        t2 = time.perf_counter()
+        kl = []
+        chunk = 8  # rows scored at a time: bounds the [rows, C, V] logits
+        for a in range(0, len(ids), chunk):
+            sub = type(gens)(gens.prompt_ids[a:a + chunk], gens.completion_ids[a:a + chunk])
+            batch = build_batch(sub, self.pad, self.device)
+            lp, support = self.logprobs(self.policy.logits, batch)
+            lp_sft, _ = self.logprobs(self.reference.logits, batch, support)
+            kl += rl.kl_estimate(lp, lp_sft, batch.mask).tolist()
+        t3 = time.perf_counter()
+        records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kl[j],
+                    "length": len(c)} for j, c in enumerate(gens.completion_ids)]
+        return records, {"generate": t1 - t0, "score": t2 - t1, "kl": t3 - t2, "tokens": gens.num_tokens}
+
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
         cfg, d, tc = self.cfg, self.dist, self.cfg.train
         out = Path(cfg.output_dir)
         t_start = time.perf_counter()
         self.log(f"WARP: model={cfg.model.name} reward={cfg.reward.kind} backend={self.backend.name} "
-                 f"I={tc.iterations} M={tc.policies} T={tc.steps} batch={tc.batch_size} beta={tc.beta} mu={tc.mu} "
-                 f"lambda={cfg.merge.lam} eta={cfg.merge.eta} ranks={d.world_size} groups={list(d.topo.groups)} "
-                 f"engine={'deepspeed' if tc.deepspeed else ('ddp' if d.topo.group_size > 1 else 'plain')} -> {out}")
-        sft_eval = self.evaluate_state(self.sft_state, None)
+                 f"I={tc.iterations} M={tc.policies} T={tc.steps} batch={tc.batch_size}x{self.k} beta={tc.beta} "
+                 f"mu={tc.mu} lambda={cfg.merge.lam} eta={cfg.merge.eta} dtype={cfg.model.dtype} "
+                 f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind} -> {out}")
+        sft_eval = self.evaluate_state(self.sft.full, None)
         self.record({"kind": "eval", "model": "sft", "iteration": 0, **sft_eval.metrics})
         self.log(fmt_metrics("SFT", sft_eval.metrics))
-        init = self.sft_state
-        slerp_state = init
         mine = d.topo.policies_of(d.rank)
+        final_eval = None
         for it in range(1, tc.iterations + 1):
-            results = {}
+            paths, histories = {}, {}
             t0 = time.perf_counter()
             for m in mine:
                 bar = progress_bar(tc.steps, f"iter {it}/{tc.iterations} policy {m + 1}/{tc.policies}",
                                    cfg.progress and self.is_main)
-                results[m] = self.train_policy(init, it, m, progress=bar)
+                res = self.train_policy(it, m, progress=bar)
                 if bar is not None:
                     bar.close()
+                paths[m] = self.save_policy(it, m)
+                histories[m] = res.history
             t_train = time.perf_counter() - t0
             self.gather_records()
             t0 = time.perf_counter()
             d.barrier()  # every policy is trained before the merger starts
             t_wait = time.perf_counter() - t0
+            every_path = {m: p for part in d.all_gather_object(paths) for m, p in part.items()}
             t0 = time.perf_counter()
-            sources = {m: (lambda name, st=r.state: st[name]) for m, r in results.items()}
-            slerp_state, next_init, dots = distmod.stream_merge(d, init, sources, cfg.merge.lam, cfg.merge.eta)
+            diag = self.merge(it, every_path)
             t_merge = time.perf_counter() - t0
             self._tick("merge", t_merge)
-            histories = d.all_gather_object({m: r.history for m, r in results.items()})
-            hist = {m: h for part in histories for m, h in part.items()}
-            diag = diagnose(dots, init, slerp_state, next_init, self.sft_state, hist)
+            hist = {m: h for part in d.all_gather_object(histories) for m, h in part.items()}
+            diag.update(trends(hist))
+            check_progress(diag)
             self.record({"kind": "merge", "iteration": it, "time_train_s": t_train, "time_wait_s": t_wait,
                          "time_merge_s": t_merge, **diag})
             self.log(fmt_diag(it, diag))
             if cfg.save_iterations:
-                self.save_iteration(out / f"iter_{it}", init, results, slerp_state)
-            if cfg.eval.every_iteration and it < tc.iterations:
-                ev = self.evaluate_state(slerp_state, sft_eval)
-                self.record({"kind": "eval", "model": "slerp", "iteration": it, **ev.metrics})
-                self.log(fmt_metrics(f"iter {it} slerp", ev.metrics))
-            init = next_init
-            del results
-        final_dist = merging.distance(slerp_state, self.sft_state)
+                self.save_iteration(out / f"iter_{it}", it, every_path)
+            if it == tc.iterations or cfg.eval.every_iteration:
+                ev = self.evaluate_state(None, sft_eval)  # the policy module holds theta_slerp
+                last = it == tc.iterations
+                self.record({"kind": "eval", "model": "final" if last else "slerp", "iteration": it, **ev.metrics})
+                self.log(fmt_metrics("WARP final" if last else f"iter {it} slerp", ev.metrics))
+                final_eval = ev if last else final_eval
+        final_dist = diag["slerp_distance_to_sft"]
         if final_dist == 0.0:
             raise NoProgressError("the final weights are identical to the SFT weights: nothing was learned")
-        final_eval = self.evaluate_state(slerp_state, sft_eval)
-        self.record({"kind": "eval", "model": "final", "iteration": tc.iterations, **final_eval.metrics})
-        self.log(fmt_metrics("WARP final", final_eval.metrics))
         if final_eval.metrics["identical_fraction"] == 1.0:
             self.log("ERROR: every final generation is identical to the SFT model's: the policy did not move "
                      "enough to change a single sample (raise train.lr or train.steps)")
@@ -271,59 +423,125 @@ class Warp:
                    "world_size": d.world_size,
                    "samples": sample_rows(self.eval_prompts.texts, sft_eval, final_eval, cfg.eval.num_samples_shown)}
         if self.is_main:
-            checkpoint.save_model(self.model, slerp_state, self.tokenizer, out / "final")
+            slerp = SafeFile(self.state_dir / "blobs" / f"iter{tc.iterations}_slerp.safetensors")
+            self.save_model(out / "final", lambda n: slerp.get(n))
+            slerp.close()
             checkpoint.write_json(out / "summary.json", summary)
         d.barrier()
-        self.backend.close()
+        self.close()
         return summary
 
-    def save_iteration(self, folder: Path, init, results: dict, slerp_state) -> None:
-        """iter_<i>/: init/ and merged/ from rank 0, policy_<m>/ from the leader of m's group."""
-        d = self.dist
+    def close(self) -> None:
+        self.backend.close()
+        self.policy.close()
+        self.reference.close()
+
+    # ---------------------------------------------------------------- saving
+    def save_model(self, folder: Path, source: Source) -> None:
+        """HF folder (config, generation config, tokenizer, safetensors) of `source`'s weights, written tensor by
+        tensor in save_dtype (rank 0 / the caller only)."""
+        w = self.policy.w
+        dtype = DTYPES[getattr(self.cfg, "save_dtype", "") or self.cfg.model.dtype]
+        checkpoint.save_hf_folder(folder, self.policy.module.config, self.tokenizer, w.names, w.shapes, source,
+                                  dtype, w.buffers, getattr(self.policy.module, "generation_config", None))
+
+    def save_iteration(self, folder: Path, iteration: int, paths: dict[int, Path]) -> None:
+        """iter_<i>/: init/, policy_<m>/ and merged/ HF folders from the iteration's fp32 blobs (rank 0)."""
         if self.is_main:
-            checkpoint.save_model(self.model, init, self.tokenizer, folder / "init")
-            checkpoint.save_model(self.model, slerp_state, self.tokenizer, folder / "merged")
-        for m, r in results.items():
-            if d.topo.leader_of_policy(m) == d.rank:
-                checkpoint.save_model(self.model, r.state, self.tokenizer, folder / f"policy_{m}")
-        d.barrier()
+            blobs = self.state_dir / "blobs"
+            init = blobs / f"iter{iteration}_init.safetensors"
+            items = [("init", init if init.exists() else None), ("merged", blobs / f"iter{iteration}_slerp.safetensors")]
+            items += [(f"policy_{m}", p) for m, p in sorted(paths.items())]
+            for name, path in items:
+                if path is None:  # iteration 1 starts from the SFT weights
+                    self.save_model(folder / name, self.sft.full)
+                    continue
+                f = SafeFile(path)
+                self.save_model(folder / name, lambda n, f=f: f.get(n))
+                f.close()
+        self.dist.barrier()
 
 
 # -------------------------------------------------------------------- diagnostics and printing
-def sampler_gap(sampler_logprobs: list[list[float]], logp: torch.Tensor, cm: torch.Tensor) -> float:
-    """Mean |log p_sampler - log p_trainer| over sampled tokens (vLLM's numbers vs the training model's)."""
+class MergeDiagnostics:
+    """Accumulated on rank 0 during the merge, tensor by tensor: the task vectors' Gram matrix (whole-model norms
+    and angles), the per-tensor angles SLERP actually used (size-weighted min / median / max), and distances."""
+
+    def __init__(self, num_policies: int):
+        self.dots = torch.zeros(num_policies, num_policies, dtype=torch.float64)
+        self.tensor_angles: dict[str, list[tuple[float, int]]] = {}
+        self.sq = {"init_moved": 0.0, "slerp_distance_to_init": 0.0, "slerp_distance_to_sft": 0.0}
+
+    def add(self, init, policies, slerp, nxt, sft) -> None:
+        g = torch.zeros_like(self.dots)
+        merging.accumulate_dots(g, init, policies)
+        self.dots += g
+        n = init.numel()
+        for i in range(g.shape[0]):
+            for j in range(i + 1, g.shape[0]):
+                denom = math.sqrt(max(g[i, i].item(), 0.0) * max(g[j, j].item(), 0.0))
+                if denom > 0:
+                    ang = math.degrees(math.acos(max(-1.0, min(1.0, g[i, j].item() / denom))))
+                    self.tensor_angles.setdefault(f"{i}-{j}", []).append((ang, n))
+        self.sq["init_moved"] += (nxt.double() - init.double()).pow(2).sum().item()
+        self.sq["slerp_distance_to_init"] += (slerp.double() - init.double()).pow(2).sum().item()
+        self.sq["slerp_distance_to_sft"] += (slerp.double() - sft.double()).pow(2).sum().item()
+
+    def summary(self) -> dict:
+        out = merging.stats_from_dots(self.dots)
+        out["tensor_angle_deg"] = {k: weighted_quantiles(v) for k, v in self.tensor_angles.items()}
+        out.update({k: math.sqrt(v) for k, v in self.sq.items()})
+        return out
+
+
+def weighted_quantiles(values: list[tuple[float, int]]) -> dict:
+    """min / size-weighted median / max of (value, weight) pairs."""
+    vs = sorted(values)
+    total = sum(w for _, w in vs)
+    acc, median = 0, vs[-1][0]
+    for v, w in vs:
+        acc += w
+        if acc >= total / 2:
+            median = v
+            break
+    return {"min": vs[0][0], "median": median, "max": vs[-1][0]}
+
+
+def sampler_gap(sampler_logprobs: list[list[float]], logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |log p_sampler - log p_trainer| over sampled tokens (the rollout engine's numbers vs the trainer's)."""
     tot, n = 0.0, 0
     for b, lps in enumerate(sampler_logprobs):
-        pos = cm[b].nonzero().flatten().tolist()
-        for t, v in zip(pos, lps, strict=False):
-            tot += abs(v - logp[b, t].item())
+        m = int(mask[b].sum().item())
+        for j, v in enumerate(lps[:m]):
+            tot += abs(v - logp[b, j].item())
             n += 1
     return tot / max(n, 1)
 
 
-def diagnose(dots: torch.Tensor, init, slerp_state, next_init, sft_state, histories: dict[int, list[dict]]) -> dict:
-    """Task-vector norms and angles (from the merger's Gram matrix), how far theta_init moved, reward/KL trends."""
-    stats = merging.stats_from_dots(dots)
-    for m, norm in enumerate(stats["task_vector_norm"]):
+def trends(histories: dict[int, list[dict]]) -> dict:
+    order = sorted(histories)
+    return {"policy_reward_first_last": [[histories[m][0]["reward_mean"], histories[m][-1]["reward_mean"]]
+                                         for m in order],
+            "policy_kl_to_ema_last": [histories[m][-1]["kl_to_ema"] for m in order]}
+
+
+def check_progress(diag: dict) -> None:
+    for m, norm in enumerate(diag["task_vector_norm"]):
         if norm == 0.0 or not math.isfinite(norm):
             raise NoProgressError(f"policy {m}'s task vector has norm {norm}: its training did not change the "
                                   "weights (check train.lr, the reward's variance, and the gradients)")
-    order = sorted(histories)
-    return {**stats,
-            "init_moved": merging.distance(next_init, init),
-            "slerp_distance_to_init": merging.distance(slerp_state, init),
-            "slerp_distance_to_sft": merging.distance(slerp_state, sft_state),
-            "policy_reward_first_last": [[histories[m][0]["reward_mean"], histories[m][-1]["reward_mean"]]
-                                         for m in order],
-            "policy_kl_to_ema_last": [histories[m][-1]["kl_to_ema"] for m in order]}
 
 
 def fmt_diag(it: int, d: dict) -> str:
     norms = ", ".join(f"{x:.4g}" for x in d["task_vector_norm"])
     ang = ", ".join(f"{k}: {v:.1f} deg (cos {d['cosine'][k]:.3f})" for k, v in d["angle_deg"].items()) or "-"
+    per = d.get("tensor_angle_deg", {})
+    per_txt = ", ".join(f"{k}: min {v['min']:.1f} / median {v['median']:.1f} / max {v['max']:.1f}"
+                        for k, v in per.items())
     rw = "; ".join(f"p{m} {a:+.3f}->{b:+.3f}" for m, (a, b) in enumerate(d["policy_reward_first_last"]))
-    return (f"iter {it} merge: |task vectors| [{norms}] angles [{ang}] init moved {d['init_moved']:.4g} "
-            f"|slerp - sft| {d['slerp_distance_to_sft']:.4g} reward {rw}")
+    return (f"iter {it} merge: |task vectors| [{norms}] whole-model angles [{ang}]"
+            + (f" per-tensor angles [{per_txt}]" if per_txt else "")
+            + f" init moved {d['init_moved']:.4g} |slerp - sft| {d['slerp_distance_to_sft']:.4g} reward {rw}")
 
 
 def fmt_metrics(name: str, m: dict) -> str:

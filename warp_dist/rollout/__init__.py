@@ -1,28 +1,42 @@
-"""Rollout backends behind one interface (`RolloutBackend`): HF generate and vLLM."""
+"""Rollout backends behind one interface (`RolloutBackend`): HF (samples from the training module) and vLLM."""
 
-from .base import Generations, RolloutBackend, SamplingConfig, StaleWeightsError, build_batch
+from .base import (
+    Batch,
+    Generations,
+    RolloutBackend,
+    SamplingConfig,
+    StaleWeightsError,
+    build_batch,
+    request_seed,
+)
 from .hf import HFBackend
 
 
-def make_backend(kind: str, model, tokenizer, model_path: str, vllm_cfg=None, seed: int = 0, log=print):
-    """Build the rollout backend named by `rollout.backend` (hf | vllm | auto)."""
-    if kind == "auto":
-        try:
-            import vllm  # noqa: F401
+def resolve_backend(kind: str, log=print) -> str:
+    """`auto` -> vllm when importable, else hf."""
+    if kind != "auto":
+        return kind
+    import importlib.util
 
-            kind = "vllm"
-        except ImportError:
-            kind = "hf"
-        log(f"rollout.backend=auto -> {kind}")
+    kind = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    log(f"rollout.backend=auto -> {kind}")
+    return kind
+
+
+def make_backend(kind: str, *, module_fn, tokenizer, model_path: str, eos_ids, dtype: str = "float32",
+                 device=None, vllm_cfg=None, seed: int = 0, autocast_fn=None, sync=None, max_seqs: int = 64,
+                 max_len: int = 0, log=print):
+    """Build the rollout backend named by `rollout.backend` (hf | vllm | auto)."""
+    kind = resolve_backend(kind, log)
     if kind == "hf":
-        return HFBackend(model, tokenizer)
+        return HFBackend(module_fn, tokenizer.pad_token_id, eos_ids, autocast_fn=autocast_fn, sync=sync)
     if kind == "vllm":
         from .vllm import VllmBackend
 
-        return VllmBackend(model_path, tokenizer, vllm_cfg, dtype=str(next(model.parameters()).dtype).split(".")[-1],
-                           seed=seed, device=next(model.parameters()).device)
+        return VllmBackend(model_path, tokenizer, vllm_cfg, dtype=dtype, seed=seed, device=device or "cpu",
+                           max_seqs=max_seqs, max_len=max_len, eos_ids=eos_ids)
     raise ValueError(f"rollout.backend={kind!r}: allowed hf | vllm | auto")
 
 
-__all__ = ["Generations", "RolloutBackend", "SamplingConfig", "StaleWeightsError", "build_batch", "HFBackend",
-           "make_backend"]
+__all__ = ["Batch", "Generations", "RolloutBackend", "SamplingConfig", "StaleWeightsError", "build_batch",
+           "request_seed", "HFBackend", "make_backend", "resolve_backend"]

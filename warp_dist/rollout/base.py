@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,12 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     greedy: bool = False
+    eos_ids: tuple[int, ...] = ()  # tokens that end a completion (blocked before min_new_tokens)
 
     @classmethod
-    def from_rollout(cls, cfg, greedy: bool = False) -> SamplingConfig:
-        return cls(cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, greedy)
+    def from_rollout(cls, cfg, eos_ids=(), greedy: bool = False) -> SamplingConfig:
+        return cls(cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, greedy,
+                   tuple(sorted(eos_ids)))
 
 
 @dataclass
@@ -49,17 +52,26 @@ class RolloutBackend:
     version = 0
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
-                 version: int | None = None) -> Generations:
+                 version: int | None = None, indices: list[int] | None = None) -> Generations:
+        """One completion per prompt; prompt b is sampled with `request_seed(seed, indices[b])` (default b), so a
+        completion depends on its prompt, seed and index only — not on the batch it shares or the rank count."""
         if version is not None and version != self.version:
             raise StaleWeightsError(f"{self.name} backend holds weights v{self.version}, policy is at v{version}: "
                                     "push the weights (update_weights) before sampling")
-        return self._generate(prompt_ids, sampling, seed)
+        idx = list(range(len(prompt_ids))) if indices is None else list(indices)
+        if len(idx) != len(prompt_ids):
+            raise ValueError(f"{len(idx)} indices for {len(prompt_ids)} prompts")
+        return self._generate(prompt_ids, sampling, [request_seed(seed, i) for i in idx])
 
-    def _generate(self, prompt_ids, sampling, seed) -> Generations:
+    def _generate(self, prompt_ids, sampling, seeds: list[int]) -> Generations:
         raise NotImplementedError
 
-    def update_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Make the backend sample from `model`'s current weights, labelled `version`."""
+    def update_weights(self, weights, version: int) -> None:
+        """Make the backend sample from the policy's current weights, labelled `version`.
+
+        `weights()` yields (state-dict name, full tensor) one at a time (a backend that samples from the training
+        module itself, like HF, does not call it: under ZeRO-3 each item is a collective gather).
+        """
         raise NotImplementedError
 
     def sleep(self) -> None:
@@ -76,22 +88,45 @@ def truncate_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
-def build_batch(gens: Generations, pad_id: int, device: torch.device | str = "cpu"
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+completion batch.
+def request_seed(seed: int, index: int) -> int:
+    """A 31-bit seed for request `index` of a batch sampled with `seed` (stable across runs, batch sizes, ranks)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
-    Returns input_ids [B, L], attention_mask [B, L] and completion_mask [B, L-1], where completion_mask[b, t]
-    marks that input_ids[b, t+1] is a completion token (aligned with `rl.token_logprobs`).
+
+@dataclass
+class Batch:
+    """Prompts left-padded to P, completions right-padded to C: one layout for sampling, training and scoring.
+
+    ids/att/pos [B, P + C]; targets [B, C] = the completion tokens; mask [B, C] float (1 = a real completion token).
+    The logits of the last C + 1 positions, minus the final one, predict `targets` (so only completion positions
+    are projected through the LM head).
     """
-    seqs = [p + c for p, c in zip(gens.prompt_ids, gens.completion_ids, strict=True)]
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    att = torch.zeros((B, L), dtype=torch.long)
-    cm = torch.zeros((B, L - 1), dtype=torch.float32)
+
+    ids: torch.Tensor
+    att: torch.Tensor
+    pos: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    prompt_len: int
+
+    @property
+    def keep(self) -> int:
+        return self.targets.shape[1] + 1
+
+
+def build_batch(gens: Generations, pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    P = max(len(p) for p in gens.prompt_ids)
+    C = max(len(c) for c in gens.completion_ids)
+    B = len(gens.prompt_ids)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    att = torch.zeros((B, P + C), dtype=torch.long)
+    mask = torch.zeros((B, C), dtype=torch.float32)
     for b, (p, c) in enumerate(zip(gens.prompt_ids, gens.completion_ids, strict=True)):
-        s = p + c
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[b, : len(s)] = 1
-        cm[b, len(p) - 1: len(s) - 1] = 1.0
-    return ids.to(device), att.to(device), cm.to(device)
+        ids[b, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        att[b, P - len(p): P + len(c)] = 1
+        if c:
+            ids[b, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[b, : len(c)] = 1.0
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), att.to(device), pos.to(device), ids[:, P:].to(device), mask.to(device), P)

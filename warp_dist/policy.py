@@ -1,0 +1,363 @@
+"""The models a rank holds, and the memory rule they follow (the one place it is written).
+
+A rank of a policy group of G ranks (G = W / M; G = 1 when ranks train several policies in turn) holds:
+
+| component | plain / DDP | DeepSpeed ZeRO-2 | DeepSpeed ZeRO-3 |
+|---|---|---|---|
+| policy weights (= fp32 master) | whole, fp32 | whole, fp32 (+ fp32 master partition 1/G) | 1/G, fp32 (the master itself) |
+| gradients | whole, fp32 | 1/G, fp32 | 1/G, fp32 |
+| AdamW moments | whole, 2 x fp32 | 1/G, 2 x fp32 | 1/G, 2 x fp32 |
+| reference module (EMA anchor while training, SFT while evaluating) | whole, fp32 | whole, fp32 | 1/G, fp32 |
+| theta_init (`InitStore`) | whole, fp32, host | whole, fp32, host | 1/G, fp32, host |
+| SFT weights | on disk only (`state/sft.safetensors` or the model folder), streamed into the reference for evaluation | same | same |
+| rollout engine | `rollout/`: HF samples from the policy module itself; vLLM holds one compute-dtype copy per rank on CPU | | |
+
+Every weight, the EMA and theta_init are fp32 on every path. `model.dtype = bfloat16` is the *compute* dtype: forward
+and backward run under `torch.autocast` with fp32 weights (DeepSpeed's own bf16/fp16 modes are switched off, so
+ZeRO-3 keeps no second copy: its flat fp32 partitions are the weights and the optimizer's master at once). So task
+vectors, the EMA update and LITI are exact fp32 arithmetic whatever the compute dtype.
+
+The reference module is one frozen copy used twice: it carries the EMA anchor during an RL phase (reset to theta_init
+at the start of each policy, moved by `ema_update_`) and is loaded with the SFT weights from disk for an evaluation,
+so no rank ever keeps a resident SFT copy. Under ZeRO-3 it is a second DeepSpeed engine in inference mode holding
+partitions (a partitioned forward, as TRL/OpenRLHF hold their reference model); its EMA update is elementwise on the
+local partitions (no gather). Full tensors appear one at a time only (`Weights.gathered`, `Weights.iter_full`), for the
+weight push, the merge and saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import dist as distmod
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PartFn = Callable[[str, int, int], torch.Tensor]  # (name, start, count) -> fp32 [count] slice of the flat tensor
+
+
+def autocast(device: torch.device, compute_dtype: torch.dtype):
+    """bf16 compute with fp32 weights; a no-op for fp32."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
+class Weights:
+    """A causal LM held by this rank: whole, or partitioned over the policy group under ZeRO-3.
+
+    `names` are the unique trainable parameters (tied weights once, first name); `aliases` maps every state-dict key
+    of a parameter to its name; `span(name)` is this rank's (start, count) slice of the flattened tensor and
+    `local(name)` the 1-D tensor holding it (the whole parameter when not partitioned).
+    """
+
+    def __init__(self, module: torch.nn.Module, d: distmod.Dist, compute_dtype: torch.dtype, zero3: bool = False):
+        self.module, self.d, self.compute_dtype, self.zero3 = module, d, compute_dtype, zero3
+        self.device = d.device
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.aliases: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in first:
+                first[id(p)] = name
+                self.params[name] = p
+            self.aliases[name] = first[id(p)]
+        self.names = list(self.params)
+        self.shapes = {n: tuple(p.ds_shape) if zero3 else tuple(p.shape) for n, p in self.params.items()}
+        self.numels = {n: int(torch.Size(s).numel()) for n, s in self.shapes.items()}
+        params = {id(p) for p in self.params.values()}
+        self.buffers = {k: v for k, v in module.state_dict().items()
+                        if k not in self.aliases and id(v) not in params}
+        self._keep = "logits_to_keep" in inspect.signature(module.forward).parameters
+
+    # ------------------------------------------------------------------ this rank's share
+    def local(self, name: str) -> torch.Tensor:
+        p = self.params[name]
+        return p.ds_tensor.data if self.zero3 else p.data.view(-1)
+
+    def span(self, name: str) -> tuple[int, int]:
+        if self.zero3:
+            n = self.params[name].ds_tensor.numel()
+            return self.d.group_rank * n, n
+        return 0, self.numels[name]
+
+    @torch.no_grad()
+    def load_(self, part: PartFn) -> None:
+        """Every parameter <- part(name, start, count) for this rank's span (no communication)."""
+        for name in self.names:
+            start, count = self.span(name)
+            self.local(name).copy_(part(name, start, count).to(self.local(name).dtype))
+
+    @contextlib.contextmanager
+    def gathered(self, name: str):
+        """The full parameter `name` (a collective inside the policy group under ZeRO-3)."""
+        p = self.params[name]
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield p.data
+        else:
+            yield p.data
+
+    def iter_full(self, dtype: torch.dtype | None = None, with_aliases: bool = False
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor copy) one parameter at a time; with_aliases also yields tied names (same tensor)
+        and the persistent buffers — the full state dict, as vLLM's loader wants it."""
+        by_name: dict[str, list[str]] = {}
+        for key, name in self.aliases.items():
+            by_name.setdefault(name, []).append(key)
+        for name in self.names:
+            with self.gathered(name) as full:
+                t = full.detach().to(dtype if dtype is not None else full.dtype, copy=True)
+            for key in (by_name[name] if with_aliases else [name]):
+                yield key, t
+        if with_aliases:
+            for key, b in self.buffers.items():
+                yield key, b.detach()
+
+    # ------------------------------------------------------------------ forward
+    def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits of the last `keep` positions [B, keep, V] (only those are projected when the model supports it)."""
+        with autocast(self.device, self.compute_dtype):
+            if self._keep:
+                out = module(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep, use_cache=False)
+                return out.logits
+            out = module(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
+            return out.logits[:, -keep:]
+
+
+class InitStore:
+    """theta_init on this rank: each parameter's slice (`Weights.span`) as fp32 in host memory."""
+
+    def __init__(self, w: Weights):
+        self.w = w
+        self.parts = {n: torch.zeros(w.span(n)[1], dtype=torch.float32) for n in w.names}
+
+    @torch.no_grad()
+    def fill_(self, part: PartFn) -> None:
+        for n, t in self.parts.items():
+            t.copy_(part(n, *self.w.span(n)))
+
+    def part(self, name: str, start: int, count: int) -> torch.Tensor:
+        """PartFn over this store (the requested span must be this rank's own)."""
+        own = self.w.span(name)
+        if (start, count) != own:
+            raise ValueError(f"InitStore holds {name}[{own[0]}:{own[0] + own[1]}], asked for [{start}:{start + count}]")
+        return self.parts[name]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed plumbing
+def deepspeed_config(path: str, tc, group_size: int, training: bool) -> dict:
+    """The user's DeepSpeed JSON with warp_dist's batch sizes, optimizer and precision (fp32 weights: bf16/fp16 off)."""
+    import json
+
+    with open(path) as fh:
+        conf = json.load(fh)
+    per_rank = max(1, tc.batch_size // group_size)
+    conf.update(train_micro_batch_size_per_gpu=per_rank, gradient_accumulation_steps=1,
+                train_batch_size=per_rank * group_size, gradient_clipping=tc.max_grad_norm)
+    conf["bf16"] = {"enabled": False}
+    conf["fp16"] = {"enabled": False}
+    conf.pop("torch_autocast", None)
+    if training:
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
+                                                         "torch_adam": True}}
+    else:
+        conf.pop("optimizer", None)
+        conf.pop("scheduler", None)
+    return conf
+
+
+def zero_stage(conf: dict) -> int:
+    return int(conf.get("zero_optimization", {}).get("stage", 0))
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise RuntimeError("train.deepspeed is set but DeepSpeed is not installed: pip install -e .[deepspeed]") from None
+    return deepspeed
+
+
+def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: PartFn | None):
+    """The causal LM for this rank, fp32. ZeRO-3: constructed partitioned (never whole) and filled from `part`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if conf is not None and zero_stage(conf) == 3:
+        deepspeed = _import_deepspeed()
+        deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo")
+        hf_cfg = AutoConfig.from_pretrained(model_path)
+        # dtype=None: the config (bf16/fp16 off) then gives fp32 — an explicit dtype is overridden on CPUs by
+        # DeepSpeed 0.19's precedence in `_set_dtype`; no global patch of F.linear (mem_efficient_linear=False)
+        with deepspeed.zero.Init(data_parallel_group=d.group, config_dict_or_path=conf, dtype=None,
+                                 mem_efficient_linear=False, mpu=distmod.GroupMPU(d.group, d.solo)):
+            module = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        module.eval()
+        w = Weights(module, d, torch.float32, zero3=True)
+        if part is not None:
+            w.load_(part)
+        return module
+    from .models import load_causal_lm
+
+    return load_causal_lm(model_path, "float32", d.device)
+
+
+class Policy:
+    """The policy being trained on this rank: module, optimizer and fp32 master (plain, DDP or DeepSpeed).
+
+    `begin(init)` starts a new policy from theta_init with a fresh optimizer; `loss_logits` is the forward pass that
+    gradients flow through; `step` is one optimizer step (gradient clipping included); `master(name)` is this rank's
+    fp32 values of a parameter (what the EMA follows).
+    """
+
+    def __init__(self, module, d: distmod.Dist, compute_dtype: torch.dtype, tc, ds_conf: dict | None):
+        self.d, self.tc = d, tc
+        self.kind = "plain"
+        self.engine = self.ddp = self.opt = None
+        zero3 = ds_conf is not None and zero_stage(ds_conf) == 3
+        if ds_conf is not None:
+            deepspeed = _import_deepspeed()
+            self.kind = "deepspeed"
+            self.stage = zero_stage(ds_conf)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=module, config=ds_conf, mpu=distmod.GroupMPU(d.group, d.solo),
+                model_parameters=[p for p in module.parameters() if p.requires_grad])
+            module = self.engine.module
+        elif d.group_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.kind = "ddp"
+            self.ddp = DDP(module, process_group=d.group, gradient_as_bucket_view=True,
+                           device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.w = Weights(module, d, compute_dtype, zero3=zero3)
+        if zero3:
+            bad = [n for n in self.w.names if self.w.local(n).dtype != torch.float32]
+            if bad:
+                raise RuntimeError(f"ZeRO-3 partitions of {bad[0]} are {self.w.local(bad[0]).dtype}, not fp32: warp_dist keeps fp32 weights")
+        self._trainable = [self.w.params[n] for n in self.w.names]
+
+    @property
+    def module(self):
+        return self.w.module
+
+    @property
+    def names(self) -> list[str]:
+        return self.w.names
+
+    # ------------------------------------------------------------------ lifecycle
+    @torch.no_grad()
+    def begin(self, init: InitStore) -> None:
+        """Weights <- theta_init (this rank's share), optimizer state zeroed (a new policy)."""
+        self.w.load_(init.part)
+        if self.kind == "deepspeed":
+            if self.stage in (1, 2):  # the optimizer's fp32 master partition is a separate copy: sync it
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                for n in self.w.names:
+                    safe_set_full_fp32_param(self.w.params[n], self.w.params[n].data)
+            reset_optimizer_state(self.engine.optimizer.optimizer)
+            self.engine.zero_grad()
+        else:
+            self.opt = torch.optim.AdamW(self._trainable, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+
+    def end(self) -> None:
+        if self.kind != "deepspeed":
+            self.opt = None
+
+    def loss_logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+        fwd = self.engine if self.engine is not None else (self.ddp if self.ddp is not None else self.w.module)
+        return self.w.logits(fwd, ids, att, pos, keep)
+
+    @torch.no_grad()
+    def logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+        return self.w.logits(self.w.module, ids, att, pos, keep)
+
+    def step(self, loss: torch.Tensor) -> float:
+        if self.kind == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.tc.max_grad_norm).item()
+        self.opt.step()
+        return norm
+
+    def master(self, name: str) -> torch.Tensor:
+        """This rank's fp32 values of `name` (the whole parameter unless ZeRO-3)."""
+        return self.w.local(name)
+
+    # ------------------------------------------------------------------ optimizer state (checkpoints)
+    def optimizer_state(self) -> dict:
+        if self.kind == "deepspeed":
+            raise RuntimeError("DeepSpeed optimizer state is saved with the engine's own checkpoint format")
+        return self.opt.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.destroy()
+            self.engine = None
+        self.opt = self.ddp = None
+
+
+def reset_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Zero every state tensor (moments and step counters) in place: a fresh AdamW for the next policy."""
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                v.zero_()
+            elif isinstance(v, (int, float)):
+                st[k] = type(v)(0)
+
+
+class Reference:
+    """The frozen reference model: EMA anchor during RL, SFT model during evaluation (one copy, see module doc)."""
+
+    def __init__(self, policy_module, model_path: str, d: distmod.Dist, compute_dtype: torch.dtype,
+                 ds_conf: dict | None, part: PartFn | None):
+        self.engine = None
+        zero3 = ds_conf is not None and zero_stage(ds_conf) == 3
+        if zero3:
+            deepspeed = _import_deepspeed()
+            module = build_module(model_path, d, ds_conf, part)
+            self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_conf,
+                                                        mpu=distmod.GroupMPU(d.group, d.solo))
+            module = self.engine.module
+        else:
+            module = copy.deepcopy(policy_module)
+        module.requires_grad_(False)
+        module.eval()
+        self.w = Weights(module, d, compute_dtype, zero3=zero3)
+        self.holds = "init"
+
+    @torch.no_grad()
+    def load_(self, part: PartFn, holds: str) -> None:
+        self.w.load_(part)
+        self.holds = holds
+
+    @torch.no_grad()
+    def ema_update_(self, policy: Policy, mu: float) -> None:
+        """ema <- (1 - mu) ema + mu theta on this rank's share of every parameter (elementwise, no gather)."""
+        for n in self.w.names:
+            self.w.local(n).lerp_(policy.master(n), mu)
+
+    @torch.no_grad()
+    def logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+        return self.w.logits(self.w.module, ids, att, pos, keep)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.destroy()
+            self.engine = None
