@@ -127,3 +127,53 @@ def test_four_ranks_two_groups_zero3(tmp_path, tiny_model_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["final"]["weight_distance_to_sft"] > 0
+
+
+def _final_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final" / "model.safetensors"))
+
+
+def test_training_does_not_depend_on_the_group_size(tmp_path, tiny_model_path):
+    """One policy on 1 rank vs on a 2-rank DDP group, 1 prompt per rank with the leave-one-out baseline: the
+    baseline is computed over the whole group batch and every prompt has its own sampling seed, so both runs
+    take the same steps (the old per-rank baseline raised here, and changed the estimator with G)."""
+    args = ["train.policies=1", "train.iterations=1", "train.batch_size=2", "train.baseline=loo", "train.steps=3",
+            "eval.every_iteration=false"]
+    one, two = tmp_path / "g1", tmp_path / "g2"
+    p1 = subprocess.run([sys.executable, str(ROOT / "launch" / "warp.py"), *tiny(one, *args)], cwd=ROOT,
+                        env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = launch(2, "launch/warp.py", *tiny(two, *args))
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "engine=ddp" in p2.stdout
+    a, b, sft = _final_weights(one), _final_weights(two), _load(tiny_model_path)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - sft[k]).abs().max().item() for k in a)
+    assert moved > 1e-4 and worst <= 1e-5, (worst, moved)
+
+
+def test_zero3_hf_sampling_keeps_the_group_in_step(tmp_path, tiny_model_path):
+    """ZeRO-3 forwards are collectives: ranks whose completions end at different lengths must keep stepping
+    together (they used to wait on each other until the timeout)."""
+    import shutil
+
+    model = tmp_path / "eos_heavy"
+    shutil.copytree(tiny_model_path, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["eos_token_id"] = list(range(0, 1000, 5))  # ~20 % of the vocabulary ends a completion
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    out = tmp_path / "z3hf"
+    proc = launch(2, "launch/warp.py", *tiny(out, f"model.name={model}", "train.policies=1", "train.iterations=1",
+                                            "train.deepspeed=configs/deepspeed/zero3.json", "rollout.backend=hf",
+                                            "dist_timeout_s=90"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    by_step = {}
+    for r in train:
+        by_step.setdefault(r["step"], {})[r["rank"]] = r["length_mean"]
+    assert any(v[0] != v[1] for v in by_step.values()), by_step  # the ranks really finished at different lengths
+    assert min(r["length_mean"] for r in train) < 12

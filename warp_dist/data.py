@@ -68,19 +68,23 @@ def bos_prefix(tokenizer) -> list[int]:
 
 def decode_pairs(tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]]
                  ) -> tuple[list[str], list[str]]:
-    """(prompt texts, completion texts) such that prompt + completion is the decoded WHOLE sequence.
+    """(prompt texts, completion texts) such that prompt + completion is always the decoded WHOLE sequence.
 
     Decoding the completion on its own drops the leading space of SentencePiece tokenizers ("was" + "great") and
-    garbles a multibyte character split at the boundary, so the whole sequence is decoded once and the completion is
-    what follows the decoded prompt (the completion alone only if the prompt text is not a prefix).
+    garbles a multibyte character split at the boundary, so the whole sequence is decoded once and cut where the
+    decoded prompt stops agreeing with it (normally the prompt's end; before a split character otherwise).
     """
     prompts, completions = [], []
     for p, c in zip(prompt_ids, completion_ids, strict=True):
         ptext = tokenizer.decode(p, skip_special_tokens=True)
         full = tokenizer.decode(list(p) + list(c), skip_special_tokens=True)
-        prompts.append(ptext)
-        completions.append(full[len(ptext):] if full.startswith(ptext) else
-                           tokenizer.decode(c, skip_special_tokens=True))
+        cut = 0
+        for a, b in zip(ptext, full, strict=False):
+            if a != b:
+                break
+            cut += 1
+        prompts.append(full[:cut])
+        completions.append(full[cut:])
     return prompts, completions
 
 
