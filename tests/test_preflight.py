@@ -171,8 +171,9 @@ def test_too_little_disk(tmp_path):
 def test_estimate_run_bytes_formula():
     n = 1_000_000
     folder = n * 2 + preflight.FOLDER_EXTRA_BYTES
-    ckpt = n * 4 * (1 + 4 * 2)
-    assert preflight.checkpoint_bytes(n, 2) == ckpt
+    ckpt = n * 4 * (1 + 2 + 3 * 2)  # theta_init + 2 policies' weights + (AdamW m, v + EMA) of 2 policies in training
+    assert preflight.checkpoint_bytes(n, 2) == ckpt == preflight.checkpoint_bytes(n, 2, parallel=4)
+    assert preflight.checkpoint_bytes(n, 2, parallel=1) == n * 4 * (1 + 2 + 3)  # one rank: one policy at a time
     # final/ only, bf16, keep 2 -> 3 checkpoints on disk at the peak
     assert preflight.estimate_run_bytes(n, 2, 2, 2, False, 2) == folder + 3 * ckpt + preflight.RUN_EXTRA_BYTES
     # + iteration folders: 2 iterations x (init + 2 policies + merged)
@@ -418,3 +419,28 @@ def test_two_ranks_share_rank_0s_decision(run_copy, tmp_path):
     msg = f"output_dir='{run_copy}' already holds a run"
     assert f"rank 0: {msg}" in proc.stderr and f"rank 1: {msg}" in proc.stderr, proc.stderr[-3000:]
     assert _tree(run_copy) == before
+
+
+# ------------------------------------------------------------------------------------------------- other entry points
+def test_eval_reports_a_missing_model_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model:\n  name: {tmp_path / 'gone'}\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "eval.py"), "--run", str(run)], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert one_line(proc) == f"error: model.name='{tmp_path / 'gone'}': no such folder ({HINT})"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "final"]  # no report/ started
+
+
+def test_preflight_command_prints_the_disk_plan(tmp_path, tiny_model_path):
+    proc = subprocess.run([sys.executable, "-m", "warp_dist.preflight", "--config", str(TINY),
+                           f"output_dir={tmp_path / 'run'}", "save_iterations=true", "save_dtype=bfloat16"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n = 182_016
+    need = preflight.estimate_run_bytes(n, 2, 2, 2, True, 2, parallel=1)
+    assert proc.stdout.startswith(f"ok: model.name=embedded:tiny-gpt2 has {n:,} parameters; the run writes about "
+                                  f"{preflight.human_bytes(need)} (9 model folders in bfloat16 + 3 checkpoints of "
+                                  f"{preflight.human_bytes(preflight.checkpoint_bytes(n, 2, 1))}) into "
+                                  f"{tmp_path / 'run'}; "), proc.stdout
+    assert not (tmp_path / "run").exists()

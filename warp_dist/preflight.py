@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,7 +34,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FOLDER_EXTRA_BYTES = 16 * 2**20  # per model folder: config, generation config, tokenizer files
 RUN_EXTRA_BYTES = 64 * 2**20  # per run: config.yaml, metrics.jsonl, summary.json, report/
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
 
 
 def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> None:
@@ -53,7 +51,7 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_data(cfg)
     check_reward(cfg)
     num_params = check_model(cfg)
-    check_disk(cfg, num_params)
+    check_disk(cfg, num_params, world_size)
 
 
 def check_eval(cfg: WarpConfig) -> None:
@@ -244,9 +242,12 @@ def model_config(key: str, name: str, hint: str = EMBEDDED_HINT):
     local = Path(name).expanduser()
     if local.exists():
         return _local_config(key, name, local)
-    path_like = name.startswith(("/", ".", "~")) or name.endswith("/") or "\\" in name or not _HUB_ID.fullmatch(name)
-    if path_like:
-        raise PreflightError(f"{key}={name!r}: no such folder ({hint})")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)  # "owner/name" or "name": anything else can only have been meant as a folder
+    except HFValidationError:
+        raise PreflightError(f"{key}={name!r}: no such folder ({hint})") from None
     return _hub_config(key, name, hint)
 
 
@@ -297,29 +298,33 @@ def check_model(cfg: WarpConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- the disk
-def checkpoint_bytes(num_params: int, policies: int) -> int:
-    """One checkpoint, fp32: theta_init + for each of the M policies its weights, AdamW's two moments and its EMA.
+def checkpoint_bytes(num_params: int, policies: int, parallel: int | None = None) -> int:
+    """One checkpoint, fp32, at its largest: theta_init, the weights of all M policies (trained or in training), and
+    for each of the `parallel` policies in training at once (min(W, M); default M) AdamW's two moments and its EMA.
 
-    An upper bound: M policies are in flight at once when they train in parallel; a finished one keeps less.
+        checkpoint = num_params * 4 * (1 + M + 3 * parallel)
     """
-    return num_params * 4 * (1 + 4 * policies)
+    parallel = policies if parallel is None else min(parallel, policies)
+    return num_params * 4 * (1 + policies + 3 * parallel)
 
 
 def estimate_run_bytes(num_params: int, save_bytes: int, iterations: int, policies: int, save_iterations: bool,
-                       keep_checkpoints: int) -> int:
+                       keep_checkpoints: int, parallel: int | None = None) -> int:
     """Bytes a run writes into output_dir at its peak (an estimate that errs high).
 
         folder      = num_params * save_bytes + FOLDER_EXTRA_BYTES            (one HF model folder in save_dtype)
         folders     = 1 (final/) + iterations * (policies + 2) if save_iterations (iter_<i>/ init, policy_<m>, merged)
-        checkpoints = (keep_checkpoints + 1) * checkpoint_bytes(num_params, policies)
+        checkpoints = (keep_checkpoints + 1) * checkpoint_bytes(num_params, policies, parallel)
                       (the newest is complete before the oldest is removed, so K + 1 exist for a moment)
         total       = folders * folder + checkpoints + RUN_EXTRA_BYTES
 
-    save_bytes: bytes per parameter of save_dtype (4 float32, 2 bfloat16 / float16).
+    save_bytes: bytes per parameter of save_dtype (4 float32, 2 bfloat16 / float16); parallel: policies trained at
+    once, min(world size, M) (None = M).
     """
     folders = 1 + (iterations * (policies + 2) if save_iterations else 0)
     folder = num_params * save_bytes + FOLDER_EXTRA_BYTES
-    return folders * folder + (keep_checkpoints + 1) * checkpoint_bytes(num_params, policies) + RUN_EXTRA_BYTES
+    ckpt = checkpoint_bytes(num_params, policies, parallel)
+    return folders * folder + (keep_checkpoints + 1) * ckpt + RUN_EXTRA_BYTES
 
 
 def human_bytes(n: float) -> str:
@@ -334,15 +339,16 @@ def _tree_bytes(paths: list[Path]) -> int:
     return total
 
 
-def check_disk(cfg: WarpConfig, num_params: int) -> None:
-    """estimate_run_bytes against the free space of output_dir's filesystem (the old run's files count as free
-    with overwrite=true; with resume=true what is already written counts as done)."""
+def disk_plan(cfg: WarpConfig, num_params: int, world_size: int = 1) -> tuple[int, int, Path, str]:
+    """(bytes the run still needs, bytes free for it, the folder measured, what the estimate counts).
+
+    The old run's files count as free with overwrite=true; with resume=true what is already written counts as done.
+    """
     from .runner import run_entries
 
     t = cfg.train
-    save_bytes = DTYPE_BYTES[cfg.save_dtype_name]
-    need = estimate_run_bytes(num_params, save_bytes, t.iterations, t.policies, cfg.save_iterations,
-                              cfg.keep_checkpoints)
+    need = estimate_run_bytes(num_params, DTYPE_BYTES[cfg.save_dtype_name], t.iterations, t.policies,
+                              cfg.save_iterations, cfg.keep_checkpoints, world_size)
     out = Path(cfg.output_dir).expanduser()
     base = nearest_existing(out)
     free = shutil.disk_usage(base).free
@@ -351,11 +357,46 @@ def check_disk(cfg: WarpConfig, num_params: int) -> None:
         free += existing
     if cfg.resume:
         need = max(0, need - existing)
+    folders = 1 + (t.iterations * (t.policies + 2) if cfg.save_iterations else 0)
+    what = (f"{folders} model folder{'s' if folders > 1 else ''} in {cfg.save_dtype_name} + "
+            f"{cfg.keep_checkpoints + 1} checkpoints of {human_bytes(checkpoint_bytes(num_params, t.policies, world_size))}")
+    return need, free, base, what
+
+
+def check_disk(cfg: WarpConfig, num_params: int, world_size: int = 1) -> None:
+    """estimate_run_bytes against the free space of output_dir's filesystem (see disk_plan)."""
+    need, free, base, what = disk_plan(cfg, num_params, world_size)
     if need > free:
-        folders = 1 + (t.iterations * (t.policies + 2) if cfg.save_iterations else 0)
         raise PreflightError(
-            f"output_dir={cfg.output_dir!r}: the run writes about {human_bytes(need)} ({folders} model "
-            f"folder{'s' if folders > 1 else ''} in "
-            f"{cfg.save_dtype_name} + {cfg.keep_checkpoints + 1} checkpoints of "
-            f"{human_bytes(checkpoint_bytes(num_params, t.policies))}) but {base} has {human_bytes(free)} free: "
-            "free space, or lower keep_checkpoints, save_iterations=false, save_dtype=bfloat16")
+            f"output_dir={cfg.output_dir!r}: the run writes about {human_bytes(need)} ({what}) but {base} has "
+            f"{human_bytes(free)} free: free space, or lower keep_checkpoints, save_iterations=false, "
+            "save_dtype=bfloat16")
+
+
+def main(argv=None) -> int:
+    """python -m warp_dist.preflight --config configs/demo.yaml [k=v ...]: run every check, print the disk plan."""
+    import argparse
+    import sys
+
+    from .config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(description="check a run's config and environment without starting it")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg, args.world_size, is_main=True)
+    except (ConfigError, PreflightError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = check_model(cfg)
+    need, free, base, what = disk_plan(cfg, n, args.world_size)
+    print(f"ok: model.name={cfg.model.name} has {n:,} parameters; the run writes about {human_bytes(need)} "
+          f"({what}) into {cfg.output_dir}; {human_bytes(free)} free on {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
