@@ -57,6 +57,34 @@ def one_line(proc, code: int = 2) -> str:
     return lines[0]
 
 
+# ------------------------------------------------------------------------------------------------- config fields
+@pytest.mark.parametrize("overrides,expected", [
+    (["resume=true", "overwrite=true"], "resume=true and overwrite=true exclude each other: allowed one of them "
+                                        "(resume continues the run in output_dir, overwrite replaces it)"),
+    (["checkpoint_every=-1"], "checkpoint_every=-1 is invalid: allowed >= 0 optimizer steps (0 = only at phase "
+                              "boundaries)"),
+    (["keep_checkpoints=0"], "keep_checkpoints=0 is invalid: allowed >= 1"),
+    (["save_dtype=int8"], "save_dtype='int8' is invalid: allowed \"\" (= model.dtype) | float32 | bfloat16 | float16"),
+])
+def test_reliability_fields_are_validated(overrides, expected):
+    from warp_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(TINY, overrides)
+    assert str(ei.value) == expected
+
+
+def test_reliability_field_defaults_and_launcher_message():
+    cfg = load_config(TINY)
+    assert (cfg.resume, cfg.overwrite, cfg.debug, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.save_dtype) == \
+        (False, False, False, 0, 2, "")
+    assert cfg.save_dtype_name == "float32"
+    assert load_config(TINY, ["model.dtype=bfloat16"]).save_dtype_name == "bfloat16"
+    assert load_config(TINY, ["model.dtype=bfloat16", "save_dtype=float32"]).save_dtype_name == "float32"
+    line = one_line(launch("resume=true", "overwrite=true"))
+    assert line.startswith("config error: resume=true and overwrite=true exclude each other")
+
+
 # ------------------------------------------------------------------------------------------------- the model
 def test_missing_local_model_path(tmp_path):
     out, model = tmp_path / "run", tmp_path / "no_model"
