@@ -116,10 +116,25 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from warp_dist import preflight
+    from warp_dist.guards import RunError
+    from warp_dist.runner import print_error
 
+    try:
+        preflight.check_eval(cfg)  # the run's model, reward and backend are still there, before any weights load
+        return evaluate(args, run, cfg, grid, baselines)
+    except preflight.PreflightError as exc:
+        print_error(exc, cfg.debug)
+        return 2
+    except RunError as exc:  # one process; with several ranks fail_rank ends the job
+        print_error(exc, cfg.debug)
+        return 1
+
+
+def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
     from warp_dist import checkpoint
     from warp_dist import dist as distmod
-    from warp_dist.runner import log, quiet_libraries
+    from warp_dist.runner import fail_rank, log, quiet_libraries
     from warp_dist.trainer import Warp, fmt_metrics, sample_rows
     from warp_dist.weights import lerp_source
 
@@ -186,7 +201,7 @@ def main(argv=None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - a failing rank ends every rank
         if d.active:
-            distmod.fail_fast(exc, d.rank)
+            fail_rank(exc, d.rank, cfg.debug)
         raise
 
 

@@ -3,8 +3,11 @@
     accelerate launch launch/warp.py --config configs/<preset>.yaml [dotted.key=value ...]
     python launch/warp.py --config configs/tiny.yaml train.steps=3
 
-Reads and validates the config before anything expensive starts, then runs the WARP loop and prints a
-SFT-vs-WARP table. Run folder: config.yaml, metrics.jsonl, final/, summary.json (+ iter_<i>/ when asked).
+Reads and validates the config and runs the preflight checks (warp_dist.preflight) before anything expensive
+starts, then runs the WARP loop and prints a SFT-vs-WARP table. Bad input ends it with one line and exit code 2
+(`config error: ...` / `error: ...`; debug=true adds the traceback).
+Run folder: config.yaml, metrics.jsonl, final/, summary.json (+ iter_<i>/ when asked); a folder that already holds
+a run is refused unless resume=true or overwrite=true.
 """
 
 from __future__ import annotations
@@ -27,20 +30,37 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """0 on success; 2 for bad input (config, topology, preflight, run folder); 1 for a run that failed cleanly."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from warp_dist.runner import run
+    from warp_dist import preflight  # none of these imports torch: bad input is reported at once
+    from warp_dist.runner import RunDirError, print_error, run
     from warp_dist.topology import TopologyError
 
     try:
+        preflight.check(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any weights load
         run(cfg)
-    except TopologyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, TopologyError) as exc:
+        print_error(exc, cfg.debug, prefix="config error")
         return 2
+    except RunDirError as exc:  # decided on rank 0 and raised on every rank: print it once
+        if os.environ.get("RANK", "0") == "0":
+            print_error(exc, cfg.debug)
+        return 2
+    except preflight.PreflightError as exc:
+        print_error(exc, cfg.debug)
+        return 2
+    except Exception as exc:
+        from warp_dist.guards import RunError
+
+        if not isinstance(exc, RunError):  # a bug: the full traceback
+            raise
+        print_error(exc, cfg.debug)  # e.g. a non-finite reward, a failing reward callable (ranks: fail_rank)
+        return 1
     return 0
 
 

@@ -13,3 +13,29 @@ def fail_on_rank_1(prompts, completions):
     if os.environ.get("RANK") == "1":
         raise RuntimeError("injected failure on rank 1")
     return [0.0] * len(completions)
+
+
+def nan_every_other(prompts, completions):
+    """NaN for every completion at an even position (ceil(B / 2) NaNs), 0.5 elsewhere: the non-finite guard's case."""
+    return [float("nan") if i % 2 == 0 else 0.5 for i in range(len(completions))]
+
+
+def inf_first_two(prompts, completions):
+    """+inf and -inf for the first two completions, 0 for the rest."""
+    return [float("inf"), float("-inf")] + [0.0] * (len(completions) - 2)
+
+
+def one_short(prompts, completions):
+    """One score too few."""
+    return [0.0] * (len(completions) - 1)
+
+
+def raises_value_error(prompts, completions):
+    raise ValueError("cannot score an empty completion")
+
+
+def returns_none(prompts, completions):
+    return None
+
+
+NOT_CALLABLE = 3  # reward.callable=tests.toy_rewards:NOT_CALLABLE names something that cannot be called

@@ -88,6 +88,17 @@ def save_hf_folder(path: str | Path, config, tokenizer, names: list[str], shapes
     return path
 
 
+def remove_tree(path: str | Path) -> None:
+    """Remove a folder: renamed aside first (atomic), then deleted, so it is never seen half-removed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.removing")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

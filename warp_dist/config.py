@@ -112,6 +112,13 @@ class WarpConfig:
     progress: bool = True
     dist_timeout_s: float = 600.0  # collective timeout: a stuck rank ends the job after this many seconds
     cpu: bool = False  # force CPU even when CUDA is available
+    # A folder holds one run. With neither flag, a launch into a folder that already holds a run is refused.
+    resume: bool = False  # continue the run in output_dir from its last complete checkpoint (same config)
+    overwrite: bool = False  # remove the run in output_dir first (no file of it survives), then start afresh
+    debug: bool = False  # print the traceback with an error (errors are one line otherwise)
+    checkpoint_every: int = 0  # also checkpoint every this many optimizer steps; 0 = only at phase boundaries
+    keep_checkpoints: int = 2  # the newest K complete checkpoints are kept, older ones removed
+    save_dtype: str = ""  # dtype of saved model folders (final/, iter_<i>/): "" = model.dtype | float32 | bfloat16 | float16
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -122,6 +129,11 @@ class WarpConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def save_dtype_name(self) -> str:
+        """The dtype saved model folders are written in: save_dtype, or the training dtype when it is ""."""
+        return self.save_dtype or self.model.dtype
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
@@ -255,8 +267,14 @@ def validate(c: WarpConfig) -> None:
     _check(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
     _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
     _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
-    _check(not t.deepspeed or Path(t.deepspeed).is_file(), "train.deepspeed", "a DeepSpeed JSON file that exists",
-           t.deepspeed)
+    if c.resume and c.overwrite:
+        raise ConfigError("resume=true and overwrite=true exclude each other: allowed one of them (resume continues "
+                          "the run in output_dir, overwrite replaces it)")
+    _check(c.checkpoint_every >= 0, "checkpoint_every", ">= 0 optimizer steps (0 = only at phase boundaries)",
+           c.checkpoint_every)
+    _check(c.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", c.keep_checkpoints)
+    _check(c.save_dtype in ("", "float32", "bfloat16", "float16"), "save_dtype",
+           '"" (= model.dtype) | float32 | bfloat16 | float16', c.save_dtype)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WarpConfig:

@@ -267,8 +267,11 @@ class Policy:
             self.opt = torch.optim.AdamW(self._trainable, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
 
     def end(self) -> None:
+        """Free what only training needs: the optimizer (plain/DDP) and the gradients."""
         if self.kind != "deepspeed":
             self.opt = None
+            for p in self._trainable:
+                p.grad = None
 
     def loss_logits(self, ids, att, pos, keep: int) -> torch.Tensor:
         fwd = self.engine if self.engine is not None else (self.ddp if self.ddp is not None else self.w.module)
@@ -278,17 +281,25 @@ class Policy:
     def logits(self, ids, att, pos, keep: int) -> torch.Tensor:
         return self.w.logits(self.w.module, ids, att, pos, keep)
 
-    def step(self, loss: torch.Tensor) -> float:
+    def step(self, loss: torch.Tensor, at: str = "") -> float:
+        """backward + clip + optimizer step; a non-finite gradient norm stops the run before the weights change
+        (plain/DDP: checked between clipping and the step; DeepSpeed clips and steps in one call, so its weights
+        are checked when they are next written: the merge and every saved file refuse non-finite values)."""
+        from .guards import check_finite
+
         if self.kind == "deepspeed":
             self.engine.backward(loss)
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            norm = float(norm) if norm is not None else float("nan")
+            check_finite(torch.tensor(norm), "grad norm", at)
+            return norm
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.tc.max_grad_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.tc.max_grad_norm)
+        check_finite(norm.detach(), "grad norm", at)
         self.opt.step()
-        return norm
+        return norm.item()
 
     def master(self, name: str) -> torch.Tensor:
         """This rank's fp32 values of `name` (the whole parameter unless ZeRO-3)."""

@@ -1,8 +1,12 @@
-"""Reward models behind one batched interface: `reward(prompts, completions) -> tensor [B]` (float32, CPU).
+"""Reward models behind one batched interface: `reward(prompts, completions, where="") -> tensor [B]` (float32, CPU).
 
 - `vader`: VADER compound sentiment in [-1, 1].
 - `classifier`: any HF sequence classifier; the logit of `label`, or `label` minus `minus_label`.
 - `callable`: a user function `module:function(prompts, completions) -> list[float]`.
+
+Every reward's output is checked: one score per completion (else `RewardError`) and finite (else
+`guards.NonFiniteError`). `where` (see `guards.where`) puts the run position in front of either message.
+A user callable that raises becomes a `RewardError` naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from collections.abc import Callable
 
 import torch
 
+from .guards import RunError, check_finite
+
+
+class RewardError(RunError, ValueError):
+    """A reward function failed or returned something that is not one score per completion."""
+
 
 class Reward:
     name = "reward"
@@ -19,6 +29,11 @@ class Reward:
     def __init__(self, text: str = "full", batch_size: int = 64):
         self.text = text
         self.batch_size = batch_size
+
+    @property
+    def source(self) -> str:
+        """The config that names this reward, for error messages ("reward.kind=vader")."""
+        return f"reward.kind={self.name}"
 
     def _inputs(self, prompts: list[str], completions: list[str]) -> list[str]:
         if self.text == "completion":
@@ -28,12 +43,31 @@ class Reward:
     def score_texts(self, texts: list[str]) -> list[float]:
         raise NotImplementedError
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Raw scores [B], unchecked: score_texts over batches of `batch_size` texts."""
         texts = self._inputs(prompts, completions)
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             out += self.score_texts(texts[i:i + self.batch_size])
         return torch.tensor(out, dtype=torch.float32)
+
+    def __call__(self, prompts: list[str], completions: list[str], where: str = "") -> torch.Tensor:
+        """Scores [B] float32: exactly one finite score per completion, or RewardError / NonFiniteError."""
+        try:
+            out = self.score(prompts, completions)
+        except RewardError as exc:
+            if where:
+                exc.args = (_at(where, str(exc)),)
+            raise
+        if out.numel() != len(completions):
+            raise RewardError(_at(where, f"{self.source} returned {out.numel()} scores for "
+                                         f"{len(completions)} completions"))
+        check_finite(out, "reward", where, self.source)
+        return out
+
+
+def _at(where: str, msg: str) -> str:
+    return f"{where}: {msg}" if where else msg
 
 
 class VaderReward(Reward):
@@ -63,11 +97,16 @@ class ClassifierReward(Reward):
         except OSError as exc:
             raise RuntimeError(f"reward.name={model_name!r} could not be loaded ({str(exc).splitlines()[0]}); "
                                "without hub access use reward.kind=vader or a local classifier folder") from None
+        self.model_name = model_name
         n = self.model.config.num_labels
         for key, v, lo in (("reward.label", label, 0), ("reward.minus_label", minus_label, -1)):
             if not lo <= v < n:
                 raise ValueError(f"{key}={v} is out of range: allowed {lo}..{n - 1} (the classifier has {n} labels)")
         self.label, self.minus_label, self.max_length, self.device = label, minus_label, max_length, device
+
+    @property
+    def source(self) -> str:
+        return f"reward.name={self.model_name}"
 
     @torch.no_grad()
     def score_texts(self, texts):
@@ -84,18 +123,40 @@ class CallableReward(Reward):
 
     def __init__(self, spec: str, **kw):
         super().__init__(**kw)
-        mod, _, fn = spec.partition(":")
-        try:
-            self.fn: Callable = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward.callable={spec!r} could not be imported: {exc}") from None
+        self.spec = spec
+        self.fn: Callable = load_callable(spec)
 
-    def __call__(self, prompts, completions):
-        out = self.fn(list(prompts), list(completions))
-        t = torch.as_tensor(out, dtype=torch.float32).flatten()
-        if t.numel() != len(completions):
-            raise ValueError(f"reward.callable returned {t.numel()} scores for {len(completions)} completions")
-        return t
+    @property
+    def source(self) -> str:
+        return f"reward.callable={self.spec}"
+
+    def score(self, prompts, completions):
+        try:
+            out = self.fn(list(prompts), list(completions))
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported naming the callable
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise RewardError(f"{self.source} raised {type(exc).__name__}: {first}") from exc
+        try:
+            return torch.as_tensor(out, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise RewardError(f"{self.source} returned {type(out).__name__}, not a list of "
+                              f"{len(completions)} numbers") from None
+
+
+def load_callable(spec: str) -> Callable:
+    """`module:function` -> the function; ValueError (one line naming reward.callable) if it cannot be had."""
+    mod, _, fn = spec.partition(":")
+    try:
+        module = importlib.import_module(mod)
+    except Exception as exc:  # noqa: BLE001 - an import can fail in any way; say which module and how
+        raise ValueError(f"reward.callable={spec!r}: cannot import module {mod!r} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not hasattr(module, fn):
+        raise ValueError(f"reward.callable={spec!r}: module {mod!r} has no attribute {fn!r}")
+    f = getattr(module, fn)
+    if not callable(f):
+        raise ValueError(f"reward.callable={spec!r}: {mod}.{fn} is not callable ({type(f).__name__})")
+    return f
 
 
 def build_reward(cfg, device: str | torch.device = "cpu") -> Reward:

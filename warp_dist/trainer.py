@@ -26,6 +26,7 @@ from . import dist as distmod
 from .config import WarpConfig
 from .data import decode_pairs, load_prompts
 from .evaluation import EvalResult, summarize
+from .guards import RunError, check_finite, where
 from .models import eos_token_ids, load_tokenizer, param_layout, resolve_model_path
 from .policy import DTYPES, InitStore, Policy, Reference, autocast, build_module, deepspeed_config
 from .rewards import build_reward
@@ -33,7 +34,7 @@ from .rollout import SamplingConfig, build_batch, make_backend
 from .weights import ModelFiles, ParamFiles, SafeFile, Source, StreamWriter, source_part, write_stream
 
 
-class NoProgressError(RuntimeError):
+class NoProgressError(RunError):
     """Training left the weights where they started: the failure mode WARP runs must never hide."""
 
 
@@ -202,8 +203,9 @@ class Warp:
         gens = self.backend.generate(prompts, self.sampling, seed=step_seed(seed, step), version=self.version,
                                      indices=[s * k + c for s in slots for c in range(k)])
         t1 = self._clock()
+        at = where(iteration, policy, step)
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
-        reward = self.reward(ptexts, ctexts)
+        reward = self.reward(ptexts, ctexts, where=at)  # one finite score per completion, or a one-line error
         t2 = self._clock()
         self.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
         batch = build_batch(gens, self.pad, self.device)
@@ -211,9 +213,11 @@ class Warp:
         with torch.no_grad():
             logp_ref, _ = self.logprobs(self.reference.logits, batch, support)
         shaped = rl.kl_shaped_reward(reward.to(self.device), logp.detach(), logp_ref, batch.mask, tc.beta)
+        check_finite(shaped, "shaped reward", at)
         adv = shaped - self.group_baseline(shaped)
         loss = rl.reinforce_loss(rl.sequence_logprob(logp, batch.mask), adv)
-        grad_norm = self.policy.step(loss)
+        check_finite(loss.detach(), "loss", at)
+        grad_norm = self.policy.step(loss, at)
         if tc.anchor == "ema":
             self.reference.ema_update_(self.policy, tc.mu)
         t3 = self._clock()
@@ -249,7 +253,14 @@ class Warp:
         """The trained policy as fp32 safetensors (its group gathers tensor by tensor, the leader writes)."""
         path = self.state_dir / "blobs" / f"iter{iteration}_policy{policy}.safetensors"
         w = self.policy.w
-        stream = w.iter_full(torch.float32)
+        at = where(iteration, policy, phase="end of training")
+
+        def checked():  # non-finite weights are never written
+            for name, t in w.iter_full(torch.float32):
+                check_finite(t, f"policy weights tensor {name}", at)
+                yield name, t
+
+        stream = checked()
         if self.dist.is_leader:
             write_stream(path, [(n, w.shapes[n], torch.float32) for n in w.names], stream)
         else:
@@ -276,8 +287,9 @@ class Warp:
                        StreamWriter(blobs / f"iter{iteration + 1}_init.safetensors", specs)]
 
         def on_main(name, init, slerp, nxt, policies):
-            if not torch.isfinite(slerp).all():
-                raise FloatingPointError(f"iteration {iteration} merge: theta_slerp of {name} is not finite")
+            for m, t in enumerate(policies):
+                check_finite(t, f"policy {m} tensor {name}", where(iteration, phase="merge"))
+            check_finite(slerp, f"merged tensor {name}", where(iteration, phase="merge"))
             stats.add(init, policies, slerp, nxt, self.sft.full(name))
             writers[0].add(name, slerp)
             writers[1].add(name, nxt)
@@ -348,7 +360,7 @@ class Warp:
                                      indices=list(range(lo, lo + len(ids))))
         t1 = time.perf_counter()
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
-        r = self.reward(ptexts, ctexts).tolist()
+        r = self.reward(ptexts, ctexts, where=f"evaluation batch {k}").tolist()
         t2 = time.perf_counter()
         kl = []
         chunk = 8  # rows scored at a time: bounds the [rows, C, V] logits
@@ -429,6 +441,8 @@ class Warp:
             checkpoint.write_json(out / "summary.json", summary)
         d.barrier()
         self.close()
+        if self.is_main:  # the run is complete: its resumable state is no longer needed (final/ is the result)
+            checkpoint.remove_tree(self.state_dir)
         return summary
 
     def close(self) -> None:

