@@ -209,7 +209,7 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, tiny_model_path):
         w = Warp(_tiny_cfg(tmp_path / dtype, lr=1e-5, steps=10, model={"dtype": dtype}), log=lambda *_: None)
         for part in (w.policy.w, w.reference.w):
             assert all(part.local(n).dtype == torch.float32 for n in part.names)
-        assert all(t.dtype == torch.float32 for t in w.init.parts.values())
+        assert all(w.init.own(n).dtype == torch.float32 for n in w.policy.names)
         sft = w.state_dict("sft")
         w.train_policy(iteration=1, policy=0)
         pol, ema = w.state_dict("policy"), w.state_dict("reference")

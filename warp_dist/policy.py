@@ -8,7 +8,7 @@ A rank of a policy group of G ranks (G = W / M; G = 1 when ranks train several p
 | gradients | whole, fp32 | 1/G, fp32 | 1/G, fp32 |
 | AdamW moments | whole, 2 x fp32 | 1/G, 2 x fp32 | 1/G, 2 x fp32 |
 | reference module (EMA anchor while training, SFT while evaluating) | whole, fp32 | whole, fp32 | 1/G, fp32 |
-| theta_init (`InitStore`) | whole, fp32, host | whole, fp32, host | 1/G, fp32, host |
+| theta_init (`InitStore`) | on disk, fp32 (read when needed) | same | this rank's 1/G slices, on disk |
 | SFT weights | on disk only (`state/sft.safetensors` or the model folder), streamed into the reference for evaluation | same | same |
 | rollout engine | `rollout/`: HF samples from the policy module itself; vLLM holds one compute-dtype copy per rank on CPU | | |
 
@@ -132,23 +132,44 @@ class Weights:
 
 
 class InitStore:
-    """theta_init on this rank: each parameter's slice (`Weights.span`) as fp32 in host memory."""
+    """theta_init on this rank: each parameter's slice (`Weights.span`) as fp32 **on disk**, read when needed (at
+    the start of each policy and in the merge) and never resident. Iteration 1 reads the SFT files; after each merge
+    the rank reads the file its slices were written to (`parts_specs` / `file_part`)."""
 
-    def __init__(self, w: Weights):
-        self.w = w
-        self.parts = {n: torch.zeros(w.span(n)[1], dtype=torch.float32) for n in w.names}
-
-    @torch.no_grad()
-    def fill_(self, part: PartFn) -> None:
-        for n, t in self.parts.items():
-            t.copy_(part(n, *self.w.span(n)))
+    def __init__(self, w: Weights, reader: PartFn, files=None):
+        self.w, self._reader, self._files = w, reader, files
 
     def part(self, name: str, start: int, count: int) -> torch.Tensor:
-        """PartFn over this store (the requested span must be this rank's own)."""
-        own = self.w.span(name)
-        if (start, count) != own:
-            raise ValueError(f"InitStore holds {name}[{own[0]}:{own[0] + own[1]}], asked for [{start}:{start + count}]")
-        return self.parts[name]
+        return self._reader(name, start, count)
+
+    def own(self, name: str) -> torch.Tensor:
+        """This rank's slice of `name` (fp32)."""
+        return self._reader(name, *self.w.span(name))
+
+    def parts_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Specs of a file holding this rank's slices (name -> [count] fp32)."""
+        return [(n, (self.w.span(n)[1],), torch.float32) for n in self.w.names]
+
+    @classmethod
+    def from_file(cls, w: Weights, path, full: bool) -> InitStore:
+        """A store over a safetensors file of full tensors (`full`) or of this rank's slices."""
+        from .weights import SafeFile
+
+        f = SafeFile(path)
+        if full:
+            return cls(w, lambda n, start, count: f.part(n, start, count), f)
+
+        def own_slice(n, start, count):
+            if (start, count) != w.span(n):
+                raise ValueError(f"{path} holds this rank's slice of {n}, asked for [{start}:{start + count}]")
+            return f.get(n)
+
+        return cls(w, own_slice, f)
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
 
 # ---------------------------------------------------------------------------- DeepSpeed plumbing

@@ -83,8 +83,7 @@ class Warp:
         module = build_module(self.model_path, d, ds_conf, self.sft.part)
         self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
         self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf)
-        self.init = InitStore(self.policy.w)
-        self.init.fill_(self.sft.part)
+        self.init = InitStore(self.policy.w, self.sft.part)  # theta_init of iteration 1: the SFT weights
         max_len = cfg.data.prompt_max_tokens + 2 + cfg.rollout.max_new_tokens
         self.backend = make_backend(
             cfg.rollout.backend, module_fn=lambda: self.policy.module, tokenizer=self.tokenizer,
@@ -280,11 +279,14 @@ class Warp:
         sources = {m: (lambda name, f=f: f.get(name)) for m, f in files.items()}
         blobs = self.state_dir / "blobs"
         stats = MergeDiagnostics(d.topo.num_policies) if d.is_main else None
+        full_init = blobs / f"iter{iteration + 1}_init.safetensors"
+        own_init = blobs / f"iter{iteration + 1}_init.rank{d.rank}.safetensors"
+        own_is_full = d.is_main and d.group_size == 1  # rank 0's slices are the whole tensors: one file serves
         writers = []
         if d.is_main:
             specs = [(n, w.shapes[n], torch.float32) for n in w.names]
-            writers = [StreamWriter(blobs / f"iter{iteration}_slerp.safetensors", specs),
-                       StreamWriter(blobs / f"iter{iteration + 1}_init.safetensors", specs)]
+            writers = [StreamWriter(blobs / f"iter{iteration}_slerp.safetensors", specs), StreamWriter(full_init, specs)]
+        mine = None if own_is_full else StreamWriter(own_init, self.init.parts_specs())
 
         def on_main(name, init, slerp, nxt, policies):
             for m, t in enumerate(policies):
@@ -300,21 +302,25 @@ class Warp:
         def on_slerp(name, full):
             start, count = w.span(name)
             part = source_part(lambda _: full)(name, start, count)
-            self.init.parts[name].lerp_(part, cfg.merge.eta)  # the next theta_init (LITI), this rank's slice
+            if mine is not None:  # the next theta_init (LITI) of this rank's slice, as rank 0 computes it
+                mine.add(name, torch.lerp(self.init.own(name), part, cfg.merge.eta))
             w.local(name).copy_(part)  # the policy module now holds theta_slerp (for evaluation and saving)
 
+        every = writers + ([mine] if mine is not None else [])
         try:
-            distmod.stream_merge(d, w.names, w.shapes, lambda n: self.init.parts[n], sources, merge_fn, on_slerp,
+            distmod.stream_merge(d, w.names, w.shapes, self.init.own, sources, merge_fn, on_slerp,
                                  on_main if d.is_main else None)
-            for wr in writers:
+            for wr in every:
                 wr.close()
         except BaseException:
-            for wr in writers:
+            for wr in every:
                 wr.abort()
             raise
         finally:
             for f in files.values():
                 f.close()
+        self.init.close()
+        self.init = InitStore.from_file(w, full_init if own_is_full else own_init, full=own_is_full)
         diag = d.broadcast_object(stats.summary() if d.is_main else None)
         return diag
 

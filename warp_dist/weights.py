@@ -1,8 +1,7 @@
-"""Weights on disk, one tensor at a time: a streaming safetensors writer and a zero-copy (mmap) reader.
+"""Weights on disk, one tensor at a time: a streaming safetensors writer and a positioned-read reader.
 
 Nothing here holds a whole model: `write_stream` writes the header (all names, shapes, dtypes are known up front),
-then each tensor as it is produced; `SafeFile.flat(name)` is a view into the memory-mapped file, so reading one
-rank's slice of one tensor touches only those bytes. The format is plain safetensors: transformers, vLLM and
+then each tensor as it is produced; `SafeFile.part(name, start, count)` reads only one rank's slice of one tensor. The format is plain safetensors: transformers, vLLM and
 `safetensors.torch.load_file` read these files.
 
 A *source* is any callable `name -> fp32 tensor` (full shape); `file_source`, `lerp_source` build them.
@@ -11,7 +10,6 @@ A *source* is any callable `name -> fp32 tensor` (full shape); `file_source`, `l
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import tempfile
@@ -103,7 +101,11 @@ def write_stream(path: str | Path, specs: list[tuple[str, tuple[int, ...], torch
 
 
 class SafeFile:
-    """Read-only, memory-mapped safetensors file: `flat(name)` is a zero-copy 1-D view of one tensor's bytes."""
+    """Read-only safetensors file, read tensor by tensor (or slice by slice) with plain positioned reads.
+
+    No memory map: mapped file pages would count in the process's resident memory for as long as the mapping
+    lives, while read() leaves them in the page cache only.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -111,7 +113,6 @@ class SafeFile:
         try:
             (n,) = struct.unpack("<Q", self._fh.read(8))
             header = json.loads(self._fh.read(n))
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
         except Exception:
             self._fh.close()
             raise
@@ -126,32 +127,43 @@ class SafeFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def flat(self, name: str) -> torch.Tensor:
-        """Zero-copy 1-D view (file dtype) of tensor `name`; valid while the file is open."""
-        dtype, shape, (a, b) = self.entries[name]
-        count = (b - a) // torch.empty((), dtype=dtype).element_size()
+    def _read(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of the flattened tensor, in the file dtype (a new tensor)."""
+        dtype, _, (a, _) = self.entries[name]
+        out = torch.empty(count, dtype=dtype)
         if count == 0:
-            return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self._base + a)
+            return out
+        size = out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy())
+        pos, done = self._base + a + start * size, 0
+        while done < len(view):
+            got = os.preadv(self._fh.fileno(), [view[done:]], pos + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: unexpected end of file reading {name}")
+            done += got
+        return out
+
+    def numel(self, name: str) -> int:
+        _, shape, _ = self.entries[name]
+        return int(torch.Size(shape).numel())
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """A copy of tensor `name` in its shape (cast to `dtype`; None keeps the file dtype)."""
-        t = self.flat(name).view(self.entries[name][1])
-        return t.to(dtype, copy=True) if dtype is not None else t.clone()
+        """Tensor `name` in its shape (cast to `dtype`; None keeps the file dtype)."""
+        t = self._read(name, 0, self.numel(name)).view(self.entries[name][1])
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def part(self, name: str, start: int, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Elements [start, start + count) of the flattened tensor as a copy, zero-padded past the end."""
-        flat = self.flat(name)
+        """Elements [start, start + count) of the flattened tensor, zero-padded past the end."""
+        n = self.numel(name)
+        end = min(start + count, n)
+        got = self._read(name, start, max(end - start, 0)).to(dtype)
+        if got.numel() == count:
+            return got
         out = torch.zeros(count, dtype=dtype)
-        end = min(start + count, flat.numel())
-        if end > start:
-            out[: end - start].copy_(flat[start:end])
+        out[: got.numel()] = got
         return out
 
     def close(self) -> None:
-        if getattr(self, "_mm", None) is not None:
-            self._mm.close()
-            self._mm = None
         if getattr(self, "_fh", None) is not None:
             self._fh.close()
             self._fh = None
