@@ -177,3 +177,28 @@ def test_zero3_hf_sampling_keeps_the_group_in_step(tmp_path, tiny_model_path):
         by_step.setdefault(r["step"], {})[r["rank"]] = r["length_mean"]
     assert any(v[0] != v[1] for v in by_step.values()), by_step  # the ranks really finished at different lengths
     assert min(r["length_mean"] for r in train) < 12
+
+
+def test_per_rank_model_state_falls_with_the_group_size(tmp_path, tiny_model_path):
+    """ZeRO-3 with G ranks per policy: the policy's weights, gradients, AdamW moments and the EMA anchor each rank
+    holds are 1/G of the G = 1 figures (bytes counted from the tensors themselves, after one RL step)."""
+    args = ["train.policies=1", "train.deepspeed=configs/deepspeed/zero3.json"]
+    held = {}
+    for g in (1, 2, 4):
+        out = tmp_path / f"g{g}.json"
+        argv = ["tests/held_bytes_script.py", str(ROOT / "configs" / "tiny.yaml"), str(out), *args,
+                f"output_dir={tmp_path / f'run{g}'}"]
+        if g == 1:
+            proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1),
+                                  capture_output=True, text=True, timeout=300)
+        else:
+            proc = launch(g, *argv, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        held[g] = json.loads(out.read_text())
+    keys = ("policy_weights", "gradients", "optimizer", "reference")
+    one = held[1][0]
+    assert all(one[k] > 0 for k in keys), one
+    for g in (2, 4):
+        for rank_bytes in held[g]:
+            for k in keys:  # 1/G plus the small tensors DeepSpeed keeps whole (persistence threshold) and padding
+                assert rank_bytes[k] <= one[k] / g * 1.15, (g, k, rank_bytes[k], one[k])

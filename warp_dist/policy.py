@@ -120,6 +120,10 @@ class Weights:
             for key, b in self.buffers.items():
                 yield key, b.detach()
 
+    def local_bytes(self) -> int:
+        """Bytes of this rank's share of every parameter (ZeRO-3: its partitions; else whole tensors)."""
+        return sum(tensor_bytes(self.local(n)) for n in self.names)
+
     # ------------------------------------------------------------------ forward
     def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits of the last `keep` positions [B, keep, V] (only those are projected when the model supports it)."""
@@ -129,6 +133,16 @@ class Weights:
                 return out.logits
             out = module(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
             return out.logits[:, -keep:]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _grad_tensors(zero_opt):
+    for t in getattr(zero_opt, "fp32_partitioned_groups_flat", []) or []:
+        if t.grad is not None:
+            yield t.grad
 
 
 class InitStore:
@@ -173,12 +187,36 @@ class InitStore:
 
 
 # ---------------------------------------------------------------------------- DeepSpeed plumbing
-def deepspeed_config(path: str, tc, group_size: int, training: bool) -> dict:
-    """The user's DeepSpeed JSON with warp_dist's batch sizes, optimizer and precision (fp32 weights: bf16/fp16 off)."""
+# ZeRO buffer sizes (elements) that follow the memory rule when the JSON leaves them "auto" or unset: buckets of one
+# layer's size, and a partitioned forward that keeps at most two layers gathered and releases each after use.
+ZERO_AUTO = {
+    "reduce_bucket_size": lambda h, layer: max(h * h, 2**20),
+    "allgather_bucket_size": lambda h, layer: max(h * h, 2**20),
+    "stage3_prefetch_bucket_size": lambda h, layer: max(int(0.9 * h * h), 2**20),
+    "stage3_param_persistence_threshold": lambda h, layer: 10 * h,
+    "stage3_max_live_parameters": lambda h, layer: 2 * layer,
+    "stage3_max_reuse_distance": lambda h, layer: 0,
+}
+
+
+def deepspeed_config(path: str, tc, group_size: int, training: bool, hidden: int = 0, layer_numel: int = 0) -> dict:
+    """The user's DeepSpeed JSON with warp_dist's batch sizes, optimizer and precision (fp32 weights: bf16/fp16 off).
+
+    ZeRO buffer sizes left "auto" or unset are sized from the model (`ZERO_AUTO`: hidden size, largest layer):
+    DeepSpeed's own defaults (5e8-element buckets, up to 1e9 live gathered parameters) would let one rank gather and
+    buffer the whole model, which is what partitioning is meant to avoid.
+    """
     import json
 
     with open(path) as fh:
         conf = json.load(fh)
+    zero = conf.setdefault("zero_optimization", {})
+    if hidden and layer_numel:
+        for key, rule in ZERO_AUTO.items():
+            if key.startswith("stage3_") and int(zero.get("stage", 0)) != 3:
+                continue
+            if zero.get(key, "auto") == "auto":
+                zero[key] = int(rule(hidden, layer_numel))
     per_rank = max(1, tc.batch_size // group_size)
     conf.update(train_micro_batch_size_per_gpu=per_rank, gradient_accumulation_steps=1,
                 train_batch_size=per_rank * group_size, gradient_clipping=tc.max_grad_norm)
@@ -216,9 +254,13 @@ def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: Part
         hf_cfg = AutoConfig.from_pretrained(model_path)
         # dtype=None: the config (bf16/fp16 off) then gives fp32 — an explicit dtype is overridden on CPUs by
         # DeepSpeed 0.19's precedence in `_set_dtype`; no global patch of F.linear (mem_efficient_linear=False)
+        from transformers.initialization import no_init_weights
+
         with deepspeed.zero.Init(data_parallel_group=d.group, config_dict_or_path=conf, dtype=None,
-                                 mem_efficient_linear=False, mpu=distmod.GroupMPU(d.group, d.solo)):
+                                 mem_efficient_linear=False, mpu=distmod.GroupMPU(d.group, d.solo)), no_init_weights():
+            # no random init: the partitions are filled from `part` below (init code would index empty partitions)
             module = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        module.tie_weights()  # no_init_weights also skips the tying that post-init does
         module.eval()
         w = Weights(module, d, torch.float32, zero3=True)
         if part is not None:
@@ -325,6 +367,27 @@ class Policy:
     def master(self, name: str) -> torch.Tensor:
         """This rank's fp32 values of `name` (the whole parameter unless ZeRO-3)."""
         return self.w.local(name)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the policy, by component, counted from the tensors themselves."""
+        out = {"policy_weights": self.w.local_bytes(), "gradients": 0, "optimizer": 0}
+        if self.kind == "deepspeed":
+            zo = self.engine.optimizer
+            flat = getattr(zo, "grad_partitions_flat_buffer", None)
+            if flat is not None:
+                out["gradients"] = tensor_bytes(flat)
+            else:
+                out["gradients"] = sum(tensor_bytes(g) for g in _grad_tensors(zo))
+            out["optimizer"] = sum(tensor_bytes(v) for st in zo.optimizer.state.values() for v in st.values()
+                                   if torch.is_tensor(v))
+            if self.stage in (1, 2):  # the fp32 master partition is a separate copy there
+                out["policy_weights"] += sum(tensor_bytes(t) for t in getattr(zo, "single_partition_of_fp32_groups", []))
+        else:
+            out["gradients"] = sum(tensor_bytes(p.grad) for p in self._trainable if p.grad is not None)
+            if self.opt is not None:
+                out["optimizer"] = sum(tensor_bytes(v) for st in self.opt.state.values() for v in st.values()
+                                       if torch.is_tensor(v))
+        return out
 
     # ------------------------------------------------------------------ optimizer state (checkpoints)
     def optimizer_state(self) -> dict:

@@ -77,9 +77,10 @@ class Warp:
         self.reward = build_reward(cfg.reward, self.device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer)
         # the models (see warp_dist.policy for what each holds): SFT on disk, policy, reference, theta_init
-        ds_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, training=True) if tc.deepspeed else None
-        ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, training=False) if tc.deepspeed else None
         self.sft = self._open_sft()
+        sizes = dict(hidden=self.hidden_size(), layer_numel=largest_layer(self.sft_layout[0], self.sft_layout[2]))
+        ds_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, True, **sizes) if tc.deepspeed else None
+        ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, False, **sizes) if tc.deepspeed else None
         module = build_module(self.model_path, d, ds_conf, self.sft.part)
         self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
         self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf)
@@ -100,7 +101,7 @@ class Warp:
     def _open_sft(self) -> ParamFiles:
         """The SFT parameters on disk, tensor by tensor: the model folder itself when its safetensors carry every
         parameter, else a canonical fp32 copy `state/sft.safetensors` written once by rank 0."""
-        names, aliases, shapes = param_layout(self.model_path)
+        names, aliases, shapes = self.sft_layout = param_layout(self.model_path)
         try:
             found = ParamFiles.match(ModelFiles(self.model_path), names, aliases, shapes)
         except FileNotFoundError:
@@ -118,6 +119,12 @@ class Warp:
             del model, params
         self.dist.barrier()
         return ParamFiles(SafeFile(path), {n: n for n in names})
+
+    def hidden_size(self) -> int:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(self.model_path)
+        return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0) or 0)
 
     # ---------------------------------------------------------------- helpers
     def _clock(self) -> float:
@@ -142,6 +149,15 @@ class Warp:
         s = self.sampling
         return sampling.token_logprobs(logits, batch.targets, batch.mask, s.temperature, s.top_k, s.top_p,
                                        s.min_new_tokens, s.eos_ids, support=support, return_support=True)
+
+    def held_bytes(self) -> dict[str, int]:
+        """What this rank holds, by component, counted from its tensors (see warp_dist.policy's memory rule)."""
+        out = self.policy.held_bytes()
+        out["reference"] = self.reference.w.local_bytes()
+        out["theta_init"] = 0  # on disk (InitStore), read when needed
+        out["rollout_engine"] = getattr(self.backend, "held_bytes", lambda: 0)()
+        out["total"] = sum(out.values())
+        return out
 
     def state_dict(self, which: str = "policy") -> dict[str, torch.Tensor]:
         """Full fp32 copy of the policy's (or the reference's, or the SFT) parameters — for tests and small models;
@@ -480,6 +496,19 @@ class Warp:
                 self.save_model(folder / name, lambda n, f=f: f.get(n))
                 f.close()
         self.dist.barrier()
+
+
+def largest_layer(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Parameters of the largest repeated block (`...layers.<i>.` / `...h.<i>.`), or of the largest tensor."""
+    import re
+
+    blocks: dict[str, int] = {}
+    for n in names:
+        m = re.match(r"(.*?\.\d+)\.", n)
+        numel = int(torch.Size(shapes[n]).numel())
+        key = m.group(1) if m else n
+        blocks[key] = blocks.get(key, 0) + numel
+    return max(blocks.values())
 
 
 # -------------------------------------------------------------------- diagnostics and printing

@@ -166,6 +166,18 @@ class VllmBackend(RolloutBackend):
         self.version = version
 
     # ------------------------------------------------------------------ memory
+    def held_bytes(self) -> int:
+        """The engine's weights plus its KV cache (bytes), as the engine reports them."""
+        def weight_bytes(worker):
+            model = worker.model_runner.model
+            return sum(p.numel() * p.element_size() for p in model.parameters())
+
+        try:
+            weights = int(sum(self.llm.collective_rpc(weight_bytes)))
+        except Exception:  # noqa: BLE001 - a diagnostic; never fail a run for it
+            weights = 0
+        return weights + int(self.kv_cache_bytes or 0)
+
     def sleep(self) -> None:
         """CUDA + sleep_mode: free the engine's GPU memory (weights offloaded, KV cache dropped). CPU: no-op."""
         if self.sleep_mode and not self._asleep:
