@@ -250,3 +250,20 @@ def test_merge_diagnostics_report_the_per_tensor_angles_slerp_used():
     # the whole-model angle is another number: it mixes the tensors
     assert 0.0 < s["angle_deg"]["0-1"] < 90.0
     assert weighted_quantiles([(10.0, 1), (20.0, 1), (30.0, 5)]) == {"min": 10.0, "median": 30.0, "max": 30.0}
+
+
+def test_gradient_checkpointing_changes_memory_not_the_math(tmp_path, tiny_model_path):
+    """train.gradient_checkpointing recomputes layers in backward (train() mode, dropout removed): same weights."""
+    states = {}
+    for gc in ("false", "true"):
+        cfg = _tiny_cfg(tmp_path / gc, lr=1e-3, steps=3)
+        cfg.train.gradient_checkpointing = gc
+        w = Warp(cfg, log=lambda *_: None)
+        assert w.policy.checkpointing == (gc == "true")
+        w.train_policy(iteration=1, policy=0)
+        states[gc] = w.state_dict("policy")
+        w.close()
+    sft = Warp(_tiny_cfg(tmp_path / "sft"), log=lambda *_: None).state_dict("sft")
+    moved = max((states["false"][k] - sft[k]).abs().max().item() for k in sft)
+    worst = max((states["false"][k] - states["true"][k]).abs().max().item() for k in sft)
+    assert moved > 1e-3 and worst < 1e-5, (moved, worst)

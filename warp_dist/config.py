@@ -87,6 +87,7 @@ class TrainConfig:
     anchor: str = "ema"  # ema (WARP: EMA of the policy, rate mu) | sft (plain KL-regularised RL: fixed SFT anchor)
     seed: int = 0  # policy m uses seed + 1000 * iteration + m
     deepspeed: str = ""  # "" = plain AdamW (DDP inside a group of several ranks); else a DeepSpeed JSON (ZeRO-2/3)
+    gradient_checkpointing: str = "auto"  # auto (on with ZeRO-3) | true | false: recompute layers in backward
 
 
 @dataclass
@@ -178,6 +179,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if typ is str:
+        if isinstance(value, bool):  # YAML reads `true` as a bool; string fields spell it in lower case
+            return "true" if value else "false"
         return "" if value is None else str(value)
     return value
 
@@ -236,6 +239,8 @@ def validate(c: WarpConfig) -> None:
     _check(0 < t.mu <= 1, "train.mu", "mu in (0, 1]", t.mu)
     _check(t.baseline in ("mean", "loo"), "train.baseline", "mean | loo", t.baseline)
     _check(t.anchor in ("ema", "sft"), "train.anchor", "ema | sft", t.anchor)
+    _check(t.gradient_checkpointing in ("auto", "true", "false"), "train.gradient_checkpointing", "auto | true | false",
+           t.gradient_checkpointing)
     _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
     _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",

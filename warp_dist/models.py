@@ -157,6 +157,18 @@ def param_layout(model_path: str) -> tuple[list[str], dict[str, str], dict[str, 
     return names, aliases, shapes
 
 
+def disable_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off for good (p = 0 everywhere), so train() mode — needed by gradient checkpointing — computes the same
+    log-probs as eval(): REINFORCE needs the log-probs of the policy that sampled."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "dropout_p", "hidden_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return module
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
     """AutoModelForCausalLM from a resolved path, in train mode with dropout off (REINFORCE wants exact log-probs)."""
     from transformers import AutoModelForCausalLM
@@ -169,4 +181,4 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device
             f"folder or one of {', '.join(EMBEDDED)}") from None
     model.to(device)
     model.eval()  # dropout off; gradients still flow
-    return model
+    return disable_dropout(model)

@@ -196,6 +196,7 @@ ZERO_AUTO = {
     "stage3_param_persistence_threshold": lambda h, layer: 10 * h,
     "stage3_max_live_parameters": lambda h, layer: 2 * layer,
     "stage3_max_reuse_distance": lambda h, layer: 0,
+    "sub_group_size": lambda h, layer: 2 * layer,  # optimizer steps in chunks: AdamW temporaries of 2 layers
 }
 
 
@@ -213,7 +214,7 @@ def deepspeed_config(path: str, tc, group_size: int, training: bool, hidden: int
     zero = conf.setdefault("zero_optimization", {})
     if hidden and layer_numel:
         for key, rule in ZERO_AUTO.items():
-            if key.startswith("stage3_") and int(zero.get("stage", 0)) != 3:
+            if (key.startswith("stage3_") or key == "sub_group_size") and int(zero.get("stage", 0)) != 3:
                 continue
             if zero.get(key, "auto") == "auto":
                 zero[key] = int(rule(hidden, layer_numel))
@@ -262,6 +263,9 @@ def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: Part
             module = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
         module.tie_weights()  # no_init_weights also skips the tying that post-init does
         module.eval()
+        from .models import disable_dropout
+
+        disable_dropout(module)
         w = Weights(module, d, torch.float32, zero3=True)
         if part is not None:
             w.load_(part)
@@ -279,8 +283,12 @@ class Policy:
     fp32 values of a parameter (what the EMA follows).
     """
 
-    def __init__(self, module, d: distmod.Dist, compute_dtype: torch.dtype, tc, ds_conf: dict | None):
+    def __init__(self, module, d: distmod.Dist, compute_dtype: torch.dtype, tc, ds_conf: dict | None,
+                 checkpointing: bool = False):
         self.d, self.tc = d, tc
+        self.checkpointing = checkpointing
+        if checkpointing:  # recompute each layer in backward: activations of one layer instead of all
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.kind = "plain"
         self.engine = self.ddp = self.opt = None
         zero3 = ds_conf is not None and zero_stage(ds_conf) == 3
@@ -337,8 +345,15 @@ class Policy:
                 p.grad = None
 
     def loss_logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+        """The forward pass gradients flow through (train() mode only for gradient checkpointing; dropout is 0)."""
         fwd = self.engine if self.engine is not None else (self.ddp if self.ddp is not None else self.w.module)
-        return self.w.logits(fwd, ids, att, pos, keep)
+        if not self.checkpointing:
+            return self.w.logits(fwd, ids, att, pos, keep)
+        self.w.module.train()
+        try:
+            return self.w.logits(fwd, ids, att, pos, keep)
+        finally:
+            self.w.module.eval()
 
     @torch.no_grad()
     def logits(self, ids, att, pos, keep: int) -> torch.Tensor:

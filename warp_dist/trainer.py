@@ -83,7 +83,10 @@ class Warp:
         ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, False, **sizes) if tc.deepspeed else None
         module = build_module(self.model_path, d, ds_conf, self.sft.part)
         self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
-        self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf)
+        gc = tc.gradient_checkpointing
+        checkpointing = gc == "true" or (gc == "auto" and ds_conf is not None and ds_conf["zero_optimization"].get(
+            "stage", 0) == 3)
+        self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf, checkpointing=checkpointing)
         self.init = InitStore(self.policy.w, self.sft.part)  # theta_init of iteration 1: the SFT weights
         max_len = cfg.data.prompt_max_tokens + 2 + cfg.rollout.max_new_tokens
         self.backend = make_backend(
@@ -514,7 +517,10 @@ def largest_layer(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
 # -------------------------------------------------------------------- diagnostics and printing
 class MergeDiagnostics:
     """Accumulated on rank 0 during the merge, tensor by tensor: the task vectors' Gram matrix (whole-model norms
-    and angles), the per-tensor angles SLERP actually used (size-weighted min / median / max), and distances."""
+    and angles), the per-tensor angles SLERP actually used (size-weighted min / median / max), and distances.
+    Everything is accumulated in fp64 over chunks, so no tensor is ever copied whole to fp64."""
+
+    CHUNK = 1 << 20
 
     def __init__(self, num_policies: int):
         self.dots = torch.zeros(num_policies, num_policies, dtype=torch.float64)
@@ -522,19 +528,34 @@ class MergeDiagnostics:
         self.sq = {"init_moved": 0.0, "slerp_distance_to_init": 0.0, "slerp_distance_to_sft": 0.0}
 
     def add(self, init, policies, slerp, nxt, sft) -> None:
-        g = torch.zeros_like(self.dots)
-        merging.accumulate_dots(g, init, policies)
+        M = len(policies)
+        g = torch.zeros(M, M, dtype=torch.float64)
+        flat = [p.reshape(-1) for p in policies]
+        i0, s0, n0, f0 = init.reshape(-1), slerp.reshape(-1), nxt.reshape(-1), sft.reshape(-1)
+        sq = dict.fromkeys(self.sq, 0.0)
+        for a in range(0, i0.numel(), self.CHUNK):
+            base = i0[a:a + self.CHUNK].double()
+            ds = [f[a:a + self.CHUNK].double() - base for f in flat]
+            for i in range(M):
+                for j in range(i, M):
+                    v = torch.dot(ds[i], ds[j]).item()
+                    g[i, j] += v
+                    if i != j:
+                        g[j, i] += v
+            s = s0[a:a + self.CHUNK].double()
+            sq["init_moved"] += (n0[a:a + self.CHUNK].double() - base).pow(2).sum().item()
+            sq["slerp_distance_to_init"] += (s - base).pow(2).sum().item()
+            sq["slerp_distance_to_sft"] += (s - f0[a:a + self.CHUNK].double()).pow(2).sum().item()
         self.dots += g
+        for k, v in sq.items():
+            self.sq[k] += v
         n = init.numel()
-        for i in range(g.shape[0]):
-            for j in range(i + 1, g.shape[0]):
+        for i in range(M):
+            for j in range(i + 1, M):
                 denom = math.sqrt(max(g[i, i].item(), 0.0) * max(g[j, j].item(), 0.0))
                 if denom > 0:
                     ang = math.degrees(math.acos(max(-1.0, min(1.0, g[i, j].item() / denom))))
                     self.tensor_angles.setdefault(f"{i}-{j}", []).append((ang, n))
-        self.sq["init_moved"] += (nxt.double() - init.double()).pow(2).sum().item()
-        self.sq["slerp_distance_to_init"] += (slerp.double() - init.double()).pow(2).sum().item()
-        self.sq["slerp_distance_to_sft"] += (slerp.double() - sft.double()).pow(2).sum().item()
 
     def summary(self) -> dict:
         out = merging.stats_from_dots(self.dots)
