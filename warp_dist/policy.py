@@ -372,11 +372,11 @@ class Policy:
             norm = float(norm) if norm is not None else float("nan")
             check_finite(torch.tensor(norm), "grad norm", at)
             return norm
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.tc.max_grad_norm)
         check_finite(norm.detach(), "grad norm", at)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # gradients are not held while the next batch is sampled and scored
         return norm.item()
 
     def master(self, name: str) -> torch.Tensor:

@@ -81,13 +81,16 @@ class Warp:
         sizes = dict(hidden=self.hidden_size(), layer_numel=largest_layer(self.sft_layout[0], self.sft_layout[2]))
         ds_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, True, **sizes) if tc.deepspeed else None
         ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, False, **sizes) if tc.deepspeed else None
+        zero3 = ds_conf is not None and ds_conf["zero_optimization"].get("stage", 0) == 3
+        if zero3:
+            distmod.tune_allocator(mmap_threshold=1 << 18)  # partitions of a few hundred KB: keep them off the heap
         module = build_module(self.model_path, d, ds_conf, self.sft.part)
         self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
         gc = tc.gradient_checkpointing
-        checkpointing = gc == "true" or (gc == "auto" and ds_conf is not None and ds_conf["zero_optimization"].get(
-            "stage", 0) == 3)
+        checkpointing = gc == "true" or (gc == "auto" and zero3)
         self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf, checkpointing=checkpointing)
         self.init = InitStore(self.policy.w, self.sft.part)  # theta_init of iteration 1: the SFT weights
+        distmod.trim_allocator()
         max_len = cfg.data.prompt_max_tokens + 2 + cfg.rollout.max_new_tokens
         self.backend = make_backend(
             cfg.rollout.backend, module_fn=lambda: self.policy.module, tokenizer=self.tokenizer,
@@ -240,6 +243,7 @@ class Warp:
             self.reference.ema_update_(self.policy, tc.mu)
         t3 = self._clock()
         self.push_weights()
+        distmod.trim_allocator()  # the step's freed temporaries go back to the OS before the next one
         t4 = self._clock()
         self._tick("generate", t1 - t0)
         self._tick("score", t2 - t1)
@@ -340,6 +344,7 @@ class Warp:
                 f.close()
         self.init.close()
         self.init = InitStore.from_file(w, full_init if own_is_full else own_init, full=own_is_full)
+        distmod.trim_allocator()
         diag = d.broadcast_object(stats.summary() if d.is_main else None)
         return diag
 
@@ -373,6 +378,7 @@ class Warp:
             res.metrics["identical_fraction"] = 1.0  # the SFT model against itself, by definition
         res.metrics["time_eval_s"] = time.perf_counter() - t0
         self._tick("eval", time.perf_counter() - t0)
+        distmod.trim_allocator()
         return res
 
     @torch.no_grad()
@@ -502,16 +508,15 @@ class Warp:
 
 
 def largest_layer(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
-    """Parameters of the largest repeated block (`...layers.<i>.` / `...h.<i>.`), or of the largest tensor."""
+    """Parameters of the largest repeated block (`...layers.<i>.` / `...h.<i>.`); the largest tensor if none."""
     import re
 
     blocks: dict[str, int] = {}
     for n in names:
         m = re.match(r"(.*?\.\d+)\.", n)
-        numel = int(torch.Size(shapes[n]).numel())
-        key = m.group(1) if m else n
-        blocks[key] = blocks.get(key, 0) + numel
-    return max(blocks.values())
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + int(torch.Size(shapes[n]).numel())
+    return max(blocks.values()) if blocks else max(int(torch.Size(s).numel()) for s in shapes.values())
 
 
 # -------------------------------------------------------------------- diagnostics and printing
