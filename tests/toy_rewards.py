@@ -39,3 +39,15 @@ def returns_none(prompts, completions):
 
 
 NOT_CALLABLE = 3  # reward.callable=tests.toy_rewards:NOT_CALLABLE names something that cannot be called
+
+
+def nan_in_training(prompts, completions):
+    """0.5 for evaluation batches (16 prompts in configs/tiny.yaml), NaN for the first completion of a training
+    batch (8 prompts): the guard must name the iteration, policy and step."""
+    return [float("nan") if len(completions) == 8 and i == 0 else 0.5 for i in range(len(completions))]
+
+
+def huge_in_training(prompts, completions):
+    """Finite but huge scores in training batches (8 prompts): the batch baseline overflows and the loss is not
+    finite, while every reward is."""
+    return [3e38] * len(completions) if len(completions) == 8 else [0.5] * len(completions)

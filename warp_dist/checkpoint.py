@@ -135,3 +135,151 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- resumable run state
+# <output_dir>/state/
+#   sft.safetensors            canonical fp32 SFT parameters (only when the model folder cannot be read directly)
+#   blobs/                     fp32 safetensors produced by the run: iter<i>_init[.rank<r>], iter<i>_policy<m>,
+#                              iter<i>_slerp; each written to a temp name and renamed
+#   ckpt-<seq>/position.json   a complete checkpoint: where the run stands, what it has computed (eval results,
+#                              policy histories, timers), the blobs it needs, the metrics lines written so far
+#   ckpt-<seq>/rank<r>/        rank-local training state of a policy in progress: policy.safetensors and
+#                              ema.safetensors (this rank's share of every parameter), optimizer.pt, rng.pt
+# A checkpoint directory is written as .ckpt-<seq>.tmp and renamed when complete, so any ckpt-<seq> is whole; the
+# newest `keep` are kept and blobs no kept checkpoint names are deleted.
+
+CKPT_PREFIX = "ckpt-"
+
+
+def checkpoints(state_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    found = [p for p in state_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+             and p.name[len(CKPT_PREFIX):].isdigit() and (p / "position.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def read_position(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / "position.json").read_text())
+
+
+def checkpoint_tmp(state_dir: str | Path, seq: int) -> Path:
+    return Path(state_dir) / f".{CKPT_PREFIX}{seq:06d}.tmp"
+
+
+def begin_checkpoint(state_dir: str | Path, seq: int) -> Path:
+    """Rank 0: a fresh temp folder for checkpoint `seq` (a leftover of a killed write is removed first)."""
+    tmp = checkpoint_tmp(state_dir, seq)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(state_dir: str | Path, seq: int, position: dict, keep: int) -> Path:
+    """Rank 0: write position.json, rename the temp folder into place, drop old checkpoints and unused blobs."""
+    state_dir = Path(state_dir)
+    tmp = checkpoint_tmp(state_dir, seq)
+    write_json(tmp / "position.json", position)
+    _fsync_dir(tmp)
+    final = state_dir / f"{CKPT_PREFIX}{seq:06d}"
+    os.replace(tmp, final)
+    _fsync_dir(state_dir)
+    kept = checkpoints(state_dir)[-keep:]
+    for old in checkpoints(state_dir):
+        if old not in kept:
+            remove_tree(old)
+    needed = {Path(p).name for c in kept for p in read_position(c).get("blobs", [])}
+    blobs = state_dir / "blobs"
+    if blobs.is_dir():
+        for f in blobs.iterdir():
+            if f.is_file() and f.name not in needed and not f.name.startswith("."):
+                f.unlink()
+    return final
+
+
+def clean_partial(state_dir: str | Path) -> None:
+    """Remove what a killed process left half-written: temp checkpoint folders and temp blob files."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return
+    for p in state_dir.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    blobs = state_dir / "blobs"
+    if blobs.is_dir():
+        for f in blobs.iterdir():
+            if f.name.startswith("."):
+                f.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_rng(path: str | Path) -> None:
+    """Every RNG state of this process (torch CPU/CUDA, Python, NumPy), atomically."""
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch_save_atomic(state, path)
+
+
+def load_rng(path: str | Path) -> None:
+    import random
+
+    import numpy as np
+
+    state = torch.load(str(path), weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def torch_save_atomic(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def truncate_lines(path: str | Path, n: int) -> None:
+    """Keep the first n lines of a text file (the metrics a resumed run had written by its checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) != n:
+        write_text(path, "".join(lines[:n]))
+
+
+def count_lines(path: str | Path) -> int:
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path) as fh:
+        return sum(1 for _ in fh)

@@ -404,14 +404,22 @@ class Policy:
                                        if torch.is_tensor(v))
         return out
 
-    # ------------------------------------------------------------------ optimizer state (checkpoints)
-    def optimizer_state(self) -> dict:
-        if self.kind == "deepspeed":
-            raise RuntimeError("DeepSpeed optimizer state is saved with the engine's own checkpoint format")
-        return self.opt.state_dict()
+    # ------------------------------------------------------------------ training state (checkpoints)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer stepping this rank's fp32 values (DeepSpeed's inner one holds the partitions)."""
+        return self.engine.optimizer.optimizer if self.kind == "deepspeed" else self.opt
 
-    def load_optimizer_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state)
+    @torch.no_grad()
+    def restore(self, part: PartFn, optimizer_state: dict) -> None:
+        """After `begin`: this rank's weights and optimizer state as saved mid-policy (exact, fp32)."""
+        self.w.load_(part)
+        if self.kind == "deepspeed" and self.stage in (1, 2):
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for n in self.w.names:
+                safe_set_full_fp32_param(self.w.params[n], self.w.params[n].data)
+        self.optimizer.load_state_dict(optimizer_state)
 
     def close(self) -> None:
         if self.engine is not None:

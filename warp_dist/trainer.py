@@ -14,6 +14,7 @@ What each rank holds, and in which dtype, is `warp_dist.policy`'s memory rule; t
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, merging, rl, sampling
+from . import checkpoint, faults, merging, rl, sampling
 from . import dist as distmod
 from .config import WarpConfig
 from .data import decode_pairs, load_prompts
@@ -187,8 +188,13 @@ class Warp:
         self._pending = []
 
     # ---------------------------------------------------------------- phase: RL for one policy
-    def train_policy(self, iteration: int, policy: int, progress=None) -> PolicyResult:
-        """T REINFORCE steps from theta_init with an EMA anchor; the trained weights stay in the policy module."""
+    def train_policy(self, iteration: int, policy: int, progress=None, resume: Path | None = None,
+                     on_step=None) -> PolicyResult:
+        """T REINFORCE steps from theta_init with an EMA anchor; the trained weights stay in the policy module.
+
+        `resume`: a checkpoint's rank folder holding this policy mid-training (weights, EMA, optimizer, RNG) and the
+        step it had reached; `on_step(step)` runs after every step (the periodic checkpoints).
+        """
         tc = self.cfg.train
         seed = policy_seed(tc.seed, iteration, policy)
         torch.manual_seed(seed)
@@ -197,10 +203,15 @@ class Warp:
             self.reference.load_(self.sft.part, "sft")
         else:
             self.reference.load_(self.init.part, "ema")
+        first = 1
+        if resume is not None:
+            first = self.restore_rank_state(resume) + 1
         self.push_weights()
         order = torch.randperm(len(self.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
         history = []
-        for step in range(1, tc.steps + 1):
+        if progress is not None and first > 1:
+            progress.update(first - 1)
+        for step in range(first, tc.steps + 1):
             rec = self.rl_step(iteration, policy, step, seed, order)
             history.append(rec)
             self.record(rec)
@@ -210,6 +221,8 @@ class Warp:
             elif step % self.cfg.log_every == 0 or step == tc.steps:
                 self.log(f"iter {iteration} policy {policy} step {step}/{tc.steps} reward {rec['reward_mean']:+.4f} "
                          f"kl_ema {rec['kl_to_ema']:.4f} loss {rec['loss']:+.4f} |g| {rec['grad_norm']:.3f}")
+            if on_step is not None:
+                on_step(step, rec)
         self.policy.end()
         return PolicyResult(history)
 
@@ -241,6 +254,7 @@ class Warp:
         grad_norm = self.policy.step(loss, at)
         if tc.anchor == "ema":
             self.reference.ema_update_(self.policy, tc.mu)
+        faults.point("step")
         t3 = self._clock()
         self.push_weights()
         t4 = self._clock()
@@ -278,8 +292,10 @@ class Warp:
         at = where(iteration, policy, phase="end of training")
 
         def checked():  # non-finite weights are never written
-            for name, t in w.iter_full(torch.float32):
+            for i, (name, t) in enumerate(w.iter_full(torch.float32)):
                 check_finite(t, f"policy weights tensor {name}", at)
+                if i == len(w.names) // 2:
+                    faults.point("blob")
                 yield name, t
 
         stream = checked()
@@ -322,7 +338,11 @@ class Warp:
         def merge_fn(init_full, policies):
             return merging.merge_tensor(init_full, policies, cfg.merge.lam, cfg.merge.eta)
 
+        half = w.names[len(w.names) // 2]
+
         def on_slerp(name, full):
+            if name == half:
+                faults.point("merge")
             start, count = w.span(name)
             part = source_part(lambda _: full)(name, start, count)
             if mine is not None:  # the next theta_init (LITI) of this rank's slice, as rank 0 computes it
@@ -367,6 +387,7 @@ class Warp:
             real = i < len(mine)
             k = mine[i] if real else 0
             got, t = self.eval_batch(k)
+            faults.point("eval")
             if real:
                 records += got
                 for key in times:
@@ -408,62 +429,99 @@ class Warp:
 
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
+        """The whole run, resumable: every phase boundary (and every `checkpoint_every` steps) is a checkpoint, and a
+        resumed run skips what its last checkpoint says is done."""
         cfg, d, tc = self.cfg, self.dist, self.cfg.train
         out = Path(cfg.output_dir)
         t_start = time.perf_counter()
+        pos = self.pos = self.start_position()
+        if pos.get("done"):
+            self.log(f"the run in {out} is already finished: nothing to resume")
+            self.close()
+            return json.loads((out / "summary.json").read_text())
         self.log(f"WARP: model={cfg.model.name} reward={cfg.reward.kind} backend={self.backend.name} "
                  f"I={tc.iterations} M={tc.policies} T={tc.steps} batch={tc.batch_size}x{self.k} beta={tc.beta} "
                  f"mu={tc.mu} lambda={cfg.merge.lam} eta={cfg.merge.eta} dtype={cfg.model.dtype} "
-                 f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind} -> {out}")
-        sft_eval = self.evaluate_state(self.sft.full, None)
-        self.record({"kind": "eval", "model": "sft", "iteration": 0, **sft_eval.metrics})
-        self.log(fmt_metrics("SFT", sft_eval.metrics))
+                 f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind} -> {out}"
+                 + (f" (resumed at checkpoint {pos['seq']}: {pos['phase']})" if pos["seq"] else ""))
+        if pos["sft_eval"] is None:  # phase: the SFT model
+            ev = self.evaluate_state(self.sft.full, None)
+            self.record({"kind": "eval", "model": "sft", "iteration": 0, **ev.metrics})
+            self.log(fmt_metrics("SFT", ev.metrics))
+            pos["sft_eval"] = pack_eval(ev)
+            self.checkpoint("sft evaluated")
+        sft_eval = unpack_eval(pos["sft_eval"])
         mine = d.topo.policies_of(d.rank)
-        final_eval = None
-        for it in range(1, tc.iterations + 1):
-            paths, histories = {}, {}
+        for it in range(pos["iteration"], tc.iterations + 1):
+            pos["iteration"] = it
             t0 = time.perf_counter()
-            for m in mine:
+            for k, m in enumerate(mine):  # phase: RL, one policy slot at a time (every rank has as many slots)
+                if k < pos["slots_done"] or pos["merged"] >= it:
+                    continue
+                resume = self.ckpt_dir / f"rank{d.rank}" if pos["step"] else None
                 bar = progress_bar(tc.steps, f"iter {it}/{tc.iterations} policy {m + 1}/{tc.policies}",
                                    cfg.progress and self.is_main)
-                res = self.train_policy(it, m, progress=bar)
+                self.train_policy(it, m, progress=bar, resume=resume,
+                                  on_step=lambda step, rec, k=k: self.periodic_checkpoint(k, step))
                 if bar is not None:
                     bar.close()
-                paths[m] = self.save_policy(it, m)
-                histories[m] = res.history
-            t_train = time.perf_counter() - t0
-            self.gather_records()
-            t0 = time.perf_counter()
-            d.barrier()  # every policy is trained before the merger starts
-            t_wait = time.perf_counter() - t0
-            every_path = {m: p for part in d.all_gather_object(paths) for m, p in part.items()}
-            t0 = time.perf_counter()
-            diag = self.merge(it, every_path)
-            t_merge = time.perf_counter() - t0
-            self._tick("merge", t_merge)
-            hist = {m: h for part in d.all_gather_object(histories) for m, h in part.items()}
-            diag.update(trends(hist))
-            check_progress(diag)
-            self.record({"kind": "merge", "iteration": it, "time_train_s": t_train, "time_wait_s": t_wait,
-                         "time_merge_s": t_merge, **diag})
-            self.log(fmt_diag(it, diag))
-            if cfg.save_iterations:
-                self.save_iteration(out / f"iter_{it}", it, every_path)
-            if it == tc.iterations or cfg.eval.every_iteration:
-                ev = self.evaluate_state(None, sft_eval)  # the policy module holds theta_slerp
+                path = self.save_policy(it, m)
+                pos["slots_done"], pos["step"] = k + 1, 0
+                for part in d.all_gather_object({m: path.name} if d.is_leader else {}):
+                    pos["policy_files"].update({str(q): n for q, n in part.items()})
+                pos["train_time_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.checkpoint("policy trained")
+            if pos["merged"] < it:  # phase: merge
+                t0 = time.perf_counter()
+                d.barrier()  # every policy is trained before the merger starts
+                t_wait = time.perf_counter() - t0
+                paths = {int(m): self.state_dir / "blobs" / n for m, n in pos["policy_files"].items()}
+                t0 = time.perf_counter()
+                diag = self.merge(it, paths)
+                t_merge = time.perf_counter() - t0
+                self._tick("merge", t_merge)
+                diag.update(trends(self.histories(it)))
+                check_progress(diag)
+                self.record({"kind": "merge", "iteration": it, "time_train_s": pos["train_time_s"],
+                             "time_wait_s": t_wait, "time_merge_s": t_merge, **diag})
+                self.log(fmt_diag(it, diag))
+                if cfg.save_iterations:
+                    self.save_iteration(out / f"iter_{it}", it, paths)
+                pos.update(merged=it, slots_done=0, step=0, policy_files={}, train_time_s=0.0,
+                           slerp_distance_to_sft=diag["slerp_distance_to_sft"])
+                self.checkpoint("merged")
+            elif pos["evaluated"] < it:  # resumed after the merge: the policy module must hold theta_slerp
+                slerp = SafeFile(self.state_dir / "blobs" / f"iter{it}_slerp.safetensors")
+                self.policy.w.load_(slerp.part)
+                slerp.close()
+            if pos["evaluated"] < it:  # phase: evaluation of theta_slerp
                 last = it == tc.iterations
-                self.record({"kind": "eval", "model": "final" if last else "slerp", "iteration": it, **ev.metrics})
-                self.log(fmt_metrics("WARP final" if last else f"iter {it} slerp", ev.metrics))
-                final_eval = ev if last else final_eval
-        final_dist = diag["slerp_distance_to_sft"]
+                if last or cfg.eval.every_iteration:
+                    ev = self.evaluate_state(None, sft_eval)  # the policy module holds theta_slerp
+                    self.record({"kind": "eval", "model": "final" if last else "slerp", "iteration": it, **ev.metrics})
+                    self.log(fmt_metrics("WARP final" if last else f"iter {it} slerp", ev.metrics))
+                    if last:
+                        pos["final_eval"] = pack_eval(ev)
+                pos["evaluated"] = it
+                pos["iteration"] = it + 1
+                self.checkpoint("evaluated")
+        return self.finish(pos, sft_eval, t_start)
+
+    def finish(self, pos: dict, sft_eval: EvalResult, t_start: float) -> dict:
+        """final/ (the last theta_slerp), summary.json, and the run state removed: the run is complete."""
+        cfg, d, tc = self.cfg, self.dist, self.cfg.train
+        out = Path(cfg.output_dir)
+        final_eval = unpack_eval(pos["final_eval"])
+        final_dist = pos["slerp_distance_to_sft"]
         if final_dist == 0.0:
             raise NoProgressError("the final weights are identical to the SFT weights: nothing was learned")
         if final_eval.metrics["identical_fraction"] == 1.0:
             self.log("ERROR: every final generation is identical to the SFT model's: the policy did not move "
                      "enough to change a single sample (raise train.lr or train.steps)")
+        timers = {**self.timers, "total": time.perf_counter() - t_start + pos.get("elapsed_s", 0.0)}
         summary = {"sft": sft_eval.metrics, "final": {**final_eval.metrics, "weight_distance_to_sft": final_dist},
-                   "timers_s": {**self.timers, "total": time.perf_counter() - t_start},
-                   "world_size": d.world_size,
+                   "timers_s": timers, "world_size": d.world_size,
                    "samples": sample_rows(self.eval_prompts.texts, sft_eval, final_eval, cfg.eval.num_samples_shown)}
         if self.is_main:
             slerp = SafeFile(self.state_dir / "blobs" / f"iter{tc.iterations}_slerp.safetensors")
@@ -475,6 +533,130 @@ class Warp:
         if self.is_main:  # the run is complete: its resumable state is no longer needed (final/ is the result)
             checkpoint.remove_tree(self.state_dir)
         return summary
+
+    # ---------------------------------------------------------------- checkpoints and resume
+    def start_position(self) -> dict:
+        """A fresh position, or (resume: true) the last complete checkpoint's, the same on every rank."""
+        cfg, d = self.cfg, self.dist
+        fresh = {"seq": 0, "phase": "start", "iteration": 1, "slots_done": 0, "step": 0, "merged": 0,
+                 "evaluated": 0, "policy_files": {}, "sft_eval": None, "final_eval": None, "histories": {},
+                 "train_time_s": 0.0, "version": 0, "world_size": d.world_size}
+        self.ckpt_dir = None
+        found = None
+        if cfg.resume and d.is_main:
+            out = Path(cfg.output_dir)
+            if (out / "summary.json").is_file() and not checkpoint.checkpoints(self.state_dir):
+                found = {"done": True}
+            else:
+                checkpoint.clean_partial(self.state_dir)
+                ckpts = checkpoint.checkpoints(self.state_dir)
+                if ckpts:
+                    found = {**checkpoint.read_position(ckpts[-1]), "path": str(ckpts[-1])}
+        found = d.broadcast_object(found)
+        if found is None:
+            if cfg.resume:
+                self.log("resume: no complete checkpoint yet, starting from the beginning")
+            return fresh
+        if found.get("done"):
+            return found
+        if found["world_size"] != d.world_size:
+            n = found["world_size"]
+            raise RunError(f"resume: the checkpoint was written by {n} rank{'s' if n != 1 else ''}, this launch has "
+                           f"{d.world_size}: relaunch with --num_processes {n}")
+        self.ckpt_dir = Path(found.pop("path"))
+        if self.is_main:  # the metrics written after that checkpoint belong to work that is redone
+            checkpoint.truncate_lines(Path(cfg.output_dir) / "metrics.jsonl", found["metrics_lines"])
+        self.timers = dict(found.get("timers", {}))
+        found["elapsed_s"] = found.get("timers", {}).get("elapsed", 0.0)
+        it = found["iteration"]
+        init_it = it if found["merged"] < it else it + 1  # the theta_init the next RL phase starts from
+        if 1 < init_it <= self.cfg.train.iterations:
+            self.init.close()
+            self.init = self.init_store_for(init_it)
+        checkpoint.load_rng(self.ckpt_dir / f"rank{d.rank}" / "rng.pt")
+        return found
+
+    def init_store_for(self, iteration: int) -> InitStore:
+        """theta_init of `iteration` (> 1) from the files the merge of iteration - 1 wrote."""
+        d, blobs = self.dist, self.state_dir / "blobs"
+        if d.is_main and d.group_size == 1:
+            return InitStore.from_file(self.policy.w, blobs / f"iter{iteration}_init.safetensors", full=True)
+        return InitStore.from_file(self.policy.w, blobs / f"iter{iteration}_init.rank{d.rank}.safetensors", full=False)
+
+    def histories(self, iteration: int) -> dict[int, list[dict]]:
+        """Every policy's train records of this iteration (from the checkpointed metrics when resumed)."""
+        recs = [json.loads(x) for x in Path(self.metrics.path).read_text().splitlines()] if self.is_main else []
+        out: dict[int, list[dict]] = {}
+        for r in recs:
+            if r.get("kind") == "train" and r["iteration"] == iteration:
+                out.setdefault(r["policy"], []).append(r)
+        for h in out.values():
+            h.sort(key=lambda r: (r["step"], r["rank"]))
+        return self.dist.broadcast_object(out)
+
+    def periodic_checkpoint(self, slot: int, step: int) -> None:
+        every = self.cfg.checkpoint_every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.pos["step"] = step
+            self.checkpoint("training", rank_state=True)
+
+    def checkpoint(self, phase: str, rank_state: bool = False) -> None:
+        """Write a complete checkpoint (a collective: every rank calls it at the same point of the run)."""
+        d, state_dir = self.dist, self.state_dir
+        self.gather_records()
+        seq = self.pos["seq"] + 1
+        if d.is_main:
+            checkpoint.begin_checkpoint(state_dir, seq)
+        d.barrier()
+        rank_dir = checkpoint.checkpoint_tmp(state_dir, seq) / f"rank{d.rank}"
+        checkpoint.save_rng(rank_dir / "rng.pt")
+        if rank_state:
+            self.save_rank_state(rank_dir)
+        faults.point("checkpoint")
+        d.barrier()
+        self.pos.update(seq=seq, phase=phase, version=self.version,
+                        timers={**self.timers, "elapsed": self.pos.get("elapsed_s", 0.0)})
+        if d.is_main:
+            self.pos["metrics_lines"] = checkpoint.count_lines(self.metrics.path)
+            self.pos["blobs"] = self.needed_blobs()
+            final = checkpoint.finish_checkpoint(state_dir, seq, self.pos, self.cfg.keep_checkpoints)
+        else:
+            final = None
+        self.ckpt_dir = Path(d.broadcast_object(str(final) if final else None))
+
+    def needed_blobs(self) -> list[str]:
+        """Blob files the run still needs from this position (a checkpoint keeps them)."""
+        pos, tc = self.pos, self.cfg.train
+        it = pos["iteration"]
+        names = list(pos["policy_files"].values())
+        init_it = it if pos["merged"] < it else it + 1
+        if 1 < init_it <= tc.iterations:
+            names.append(f"iter{init_it}_init.safetensors")
+            names += [f"iter{init_it}_init.rank{r}.safetensors" for r in range(self.dist.world_size)]
+        if pos["merged"] >= 1:
+            names.append(f"iter{pos['merged']}_slerp.safetensors")
+        return names
+
+    def save_rank_state(self, folder: Path) -> None:
+        """This rank's share of the policy in training: weights, EMA, optimizer state (exact fp32)."""
+        w, ref = self.policy.w, self.reference.w
+        specs = [(n, (w.span(n)[1],), torch.float32) for n in w.names]
+        write_stream(folder / "policy.safetensors", specs, ((n, w.local(n)) for n in w.names))
+        write_stream(folder / "ema.safetensors", specs, ((n, ref.local(n)) for n in ref.names))
+        checkpoint.torch_save_atomic(self.policy.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def restore_rank_state(self, folder: Path) -> int:
+        """The policy in training as `save_rank_state` wrote it; returns the last completed step."""
+        pol, ema = SafeFile(folder / "policy.safetensors"), SafeFile(folder / "ema.safetensors")
+        try:
+            opt = torch.load(str(folder / "optimizer.pt"), weights_only=False)
+            self.policy.restore(lambda n, start, count: pol.get(n), opt)
+            self.reference.load_(lambda n, start, count: ema.get(n), "ema")
+        finally:
+            pol.close()
+            ema.close()
+        self.version = self.pos["version"] - 1  # the push that follows relabels the engine with the saved version
+        return self.pos["step"]
 
     def close(self) -> None:
         self.backend.close()
@@ -580,6 +762,15 @@ def weighted_quantiles(values: list[tuple[float, int]]) -> dict:
             median = v
             break
     return {"min": vs[0][0], "median": median, "max": vs[-1][0]}
+
+
+def pack_eval(ev: EvalResult) -> dict:
+    """An evaluation result as plain JSON (it goes into the checkpoint's position)."""
+    return {"metrics": ev.metrics, "completions": ev.completions, "texts": ev.texts, "rewards": ev.rewards}
+
+
+def unpack_eval(data: dict) -> EvalResult:
+    return EvalResult(data["metrics"], data["completions"], data["texts"], data["rewards"])
 
 
 def sampler_gap(sampler_logprobs: list[list[float]], logp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -1,0 +1,153 @@
+"""Checkpoints and resume with real processes and real SIGKILLs (issue: reliability).
+
+An uninterrupted tiny run (I = 2, M = 2, T = 3, a checkpoint every step) is the reference; runs killed at named points
+(warp_dist.faults: a real SIGKILL of the process at that point) or at a random moment from outside, then resumed,
+must end with bit-identical final weights and the same train records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, subprocess_env
+
+ARGS = ["train.steps=3", "checkpoint_every=1", "progress=false"]
+
+
+def warp(out, *extra, env=None, timeout=300):
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"output_dir={out}", *ARGS, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_records(out):
+    drop = ("time", "tokens_per_s")
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in recs if r["kind"] == "train"]
+
+
+def assert_same_run(ref, out):
+    assert (out / "final" / "model.safetensors").read_bytes() == (ref / "final" / "model.safetensors").read_bytes()
+    a, b = train_records(ref), train_records(out)
+    assert len(b) == len(a) == 2 * 2 * 3
+    assert b == a  # no step missing, none twice, every value the same
+    assert not (out / "state").exists()  # a finished run keeps no resumable state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    proc = warp(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("point", ["step:5", "checkpoint:7", "blob:2", "merge:1", "eval:2"])
+def test_killed_at_a_point_then_resumed_is_bit_identical(point, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = warp(out, env={"WARP_DIST_KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = warp(out, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at checkpoint" in resumed.stdout
+    assert_same_run(reference, out)
+
+
+def test_killed_twice_and_at_a_random_moment(reference, tmp_path):
+    """Killed at a random moment from outside, killed again while resuming, resumed again."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"output_dir={out}", *ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    want = random.Random(os.getpid()).randint(2, 9)  # some train steps in, wherever that lands
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= want:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    again = warp(out, "resume=true", env={"WARP_DIST_KILL_AT": "checkpoint:2"})  # killed during the resume
+    assert again.returncode == -signal.SIGKILL, again.stderr[-2000:]
+    final = warp(out, "resume=true")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert_same_run(reference, out)
+    # resuming a finished run changes nothing
+    before = (out / "summary.json").read_bytes()
+    done = warp(out, "resume=true")
+    assert done.returncode == 0 and "already finished" in done.stdout
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_non_finite_reward_names_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_path):
+    out = tmp_path / "run"
+    proc = warp(out, "reward.kind=callable", "reward.callable=tests.toy_rewards:nan_in_training")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("error: iteration 1 policy 0 step 1: reward contains NaN (1 of 8 values) from "
+                    "reward.callable=tests.toy_rewards:nan_in_training"), last
+    ckpts = sorted((out / "state").glob("ckpt-*"))
+    assert ckpts and json.loads((ckpts[-1] / "position.json").read_text())["phase"] == "sft evaluated"
+    assert not (out / "final").exists()
+
+
+def test_non_finite_loss_names_the_step(tmp_path, tiny_model_path):
+    out = tmp_path / "run"
+    proc = warp(out, "reward.kind=callable", "reward.callable=tests.toy_rewards:huge_in_training")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: iteration 1 policy 0 step 1: loss is "), last
+    assert not (out / "final").exists()
+
+
+@pytest.mark.multiproc
+def test_two_ranks_one_killed_then_resumed(tmp_path, tiny_model_path):
+    """SIGKILL on rank 1 mid-training: every rank exits non-zero promptly, the folder holds a complete checkpoint, and
+    the resumed 2-rank run ends with the weights of an uninterrupted 2-rank run."""
+    from tests.test_distributed import launch, tiny
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    args = ["checkpoint_every=1", "dist_timeout_s=60"]
+    p = launch(2, "launch/warp.py", *tiny(ref, *args))
+    assert p.returncode == 0, p.stderr[-3000:]
+    t0 = time.time()
+    env_launch = dict(os.environ, WARP_DIST_KILL_AT="step:4:rank1")
+    p = subprocess.run(launch_cmd(out, args), cwd=ROOT, env={**subprocess_env(OMP_NUM_THREADS=1), **env_launch},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and time.time() - t0 < 120
+    assert sorted((out / "state").glob("ckpt-*")), "no complete checkpoint left behind"
+    p = launch(2, "launch/warp.py", *tiny(out, *args, "resume=true"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").read_bytes() == (ref / "final" / "model.safetensors").read_bytes()
+    assert train_records(out) == train_records(ref)
+
+
+def launch_cmd(out, args):
+    from tests.conftest import BIN, free_port
+    from tests.test_distributed import tiny
+
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(ROOT / "launch" / "warp.py"), *tiny(out, *args)]
+
+
+def test_resume_on_another_world_size_is_refused(tmp_path, tiny_model_path):
+    from tests.test_distributed import launch, tiny
+
+    out = tmp_path / "run"
+    killed = warp(out, env={"WARP_DIST_KILL_AT": "step:2"})
+    assert killed.returncode == -signal.SIGKILL
+    p = launch(2, "launch/warp.py", *tiny(out, "checkpoint_every=1", "resume=true"))
+    assert p.returncode != 0
+    assert "resume: the checkpoint was written by 1 rank, this launch has 2: relaunch with --num_processes 1" in p.stderr

@@ -1,0 +1,31 @@
+"""Fault injection for the resume tests: SIGKILL this very process at a named point of a run.
+
+    WARP_DIST_KILL_AT=checkpoint:3         kill at the 3rd time any rank reaches point "checkpoint"
+    WARP_DIST_KILL_AT=merge:1:rank1        ... only on rank 1
+
+Points: step (after an optimizer step, before the weight push), checkpoint (rank files written, checkpoint not yet
+renamed), blob (half of a policy file written), merge (half of the tensors merged), eval (after the first evaluation
+batch). Inert unless the variable is set; the kill is a real SIGKILL, exactly what the OOM killer or a pre-empted node
+does, so the tests exercise the same recovery a user needs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_counts: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    spec = os.environ.get("WARP_DIST_KILL_AT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != name:
+        return
+    if len(parts) > 2 and parts[2] != f"rank{os.environ.get('RANK', '0')}":
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] == int(parts[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
