@@ -197,14 +197,28 @@ def test_rollout_benchmark_tiny(tmp_path):
     assert res["hf_tokens_per_s"] > 0 and res["vllm_tokens_per_s"] > 0 and res["speedup"] > 0
 
 
-def test_short_warp_run_with_vllm_rollouts_moves_the_policy(tmp_path, tiny_model_path):
-    out = tmp_path / "run"
+VLLM_RUN = ["rollout.backend=vllm", "train.steps=3", "save_iterations=true", "rollout.top_k=5", "rollout.top_p=0.8",
+            "checkpoint_every=1"]
+
+
+def vllm_warp(out, *extra, env=None):
     cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"output_dir={out}", "rollout.backend=vllm", "train.steps=3", "save_iterations=true",
-           "rollout.top_k=5", "rollout.top_p=0.8"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+           f"output_dir={out}", *VLLM_RUN, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("vllm_run") / "run"
+    proc = vllm_warp(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend=vllm" in proc.stdout
+    return out
+
+
+def test_short_warp_run_with_vllm_rollouts_moves_the_policy(vllm_run):
+    out = vllm_run
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["sampler_logprob_gap"] for r in recs if r["kind"] == "train"]
     # vLLM sampled from the trainer's current weights every step, and the trainer scores vLLM's distribution
@@ -216,3 +230,16 @@ def test_short_warp_run_with_vllm_rollouts_moves_the_policy(tmp_path, tiny_model
     p0 = load_file(str(out / "iter_1" / "policy_0" / "model.safetensors"))
     init = load_file(str(out / "iter_1" / "init" / "model.safetensors"))
     assert any(not torch.equal(p0[k], init[k]) for k in p0)
+
+
+def test_killed_vllm_run_resumes_bit_identical(vllm_run, tmp_path):
+    """vLLM-CPU's per-request seeded sampling is reproducible: a run killed mid-training and resumed (a fresh engine,
+    fed the restored weights) ends with the same final weights, byte for byte."""
+    import signal
+
+    out = tmp_path / "run"
+    killed = vllm_warp(out, env={"WARP_DIST_KILL_AT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = vllm_warp(out, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").read_bytes() == (vllm_run / "final" / "model.safetensors").read_bytes()

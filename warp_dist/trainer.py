@@ -299,11 +299,13 @@ class Warp:
                 yield name, t
 
         stream = checked()
+        t0 = time.perf_counter()
         if self.dist.is_leader:
             write_stream(path, [(n, w.shapes[n], torch.float32) for n in w.names], stream)
         else:
             for _ in stream:
                 pass
+        self._tick("checkpoint", time.perf_counter() - t0)  # the policy file is the phase-boundary checkpoint's
         return path
 
     # ---------------------------------------------------------------- phase: merge (rank 0 streams, all update)
@@ -603,6 +605,7 @@ class Warp:
     def checkpoint(self, phase: str, rank_state: bool = False) -> None:
         """Write a complete checkpoint (a collective: every rank calls it at the same point of the run)."""
         d, state_dir = self.dist, self.state_dir
+        t0 = time.perf_counter()
         self.gather_records()
         seq = self.pos["seq"] + 1
         if d.is_main:
@@ -623,6 +626,7 @@ class Warp:
         else:
             final = None
         self.ckpt_dir = Path(d.broadcast_object(str(final) if final else None))
+        self._tick("checkpoint", time.perf_counter() - t0)
 
     def needed_blobs(self) -> list[str]:
         """Blob files the run still needs from this position (a checkpoint keeps them)."""
