@@ -5,20 +5,18 @@
 
 project: `launch/warp.py` on the config (`accelerate launch --num_processes R` when --ranks > 1): its rollout
          backend, policies on their own ranks, streaming merge, sharded evaluation, saved final model.
-naive:   this file's `naive_run`, in a fresh `python` process: HF generate, the M policies one after the other,
-         `merging.merge_state_dicts` on whole in-memory state dicts, no weight versions, no sharding; the same
-         warp_dist.rl / merging / rewards / data / evaluation functions, the same seeds, prompt order and
-         evaluations (SFT first, theta_slerp after each iteration but the last when eval.every_iteration, final).
-Both write their final evaluation on the same held-out prompts with the same sampling seeds, so the final reward
-and KL say whether speed was bought with quality. With --ranks 1 and the HF backend the two runs sample the same
-tokens and their numbers should agree to rounding. Walls are the processes' wall times (startup included);
-`run` times leave out setup (loading model, data, reward, engines).
+naive:   benchmarks/naive.py (`NaiveWarp.run`) in a fresh `python` process: HF generate, fp32, full-sequence
+         logits, the M policies one after the other, whole in-memory state dicts merged with
+         `merging.merge_state_dicts`; no evaluation inside its timed run.
+Both final models are evaluated by the project's evaluator on the same held-out prompts and sampling seeds (the
+naive one after its timed run), so the final reward and KL say whether speed was bought with quality. Walls are the
+processes' wall times (startup included; the project's includes its own evaluations, SFT and final); `run` times
+leave out setup (loading model, data, reward, engines).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -67,109 +65,31 @@ def parse_args(argv):
 
 # ------------------------------------------------------------------------------------------ the naive loop
 def naive_run(cfg) -> dict:
-    """WARP the simple way, one process, as a user writes it in an afternoon with plain transformers: HF `generate`,
-    a full forward/backward of the policy, a full forward of the EMA anchor, whole-model deep copies and
-    state-dict merges. Same algorithm, data, reward and seeds as the project; the reference point for its engineering.
-    """
+    """benchmarks/naive.py's whole run (timed), then its final weights evaluated by the project's own evaluator on
+    the same held-out prompts and seeds as the project's final model (not timed), so the two rewards compare."""
     import torch
 
-    from warp_dist import merging, rl
-    from warp_dist.data import load_prompts
-    from warp_dist.models import load_causal_lm, load_tokenizer, resolve_model_path
-    from warp_dist.rewards import build_reward
-    from warp_dist.trainer import policy_seed
+    from benchmarks.naive import NaiveWarp
+    from warp_dist import merging
+    from warp_dist.trainer import Warp
 
     t_start = time.perf_counter()
-    tc, ec, ro = cfg.train, cfg.eval, cfg.rollout
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, "float32", device)
-    sft_model = copy.deepcopy(model).requires_grad_(False)
-    reward_fn = build_reward(cfg.reward, device)
-    train_prompts, eval_prompts = load_prompts(cfg.data, tok)
-    sft_state = merging.clone_state(model.state_dict())
-    pad = tok.pad_token_id
+    nw = NaiveWarp(cfg)
     t_setup = time.perf_counter() - t_start
-
-    def sample(prompts, seed):
-        """HF generate on a left-padded batch; returns (input_ids [B, L], prompt length P, completion mask)."""
-        P = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)
-        att = (torch.arange(P, device=device) >= torch.tensor([P - len(p) for p in prompts], device=device)[:, None])
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=att.long(), do_sample=True, max_new_tokens=ro.max_new_tokens,
-                             min_new_tokens=ro.min_new_tokens or None, temperature=ro.temperature, top_k=ro.top_k,
-                             top_p=ro.top_p, pad_token_id=pad)
-        comp = out[:, P:]
-        done = (comp == tok.eos_token_id).cumsum(-1)
-        cmask = (done == 0) | ((done == 1) & (comp == tok.eos_token_id))  # up to and including the first EOS
-        full_att = torch.cat([att.long(), cmask.long()], 1)
-        return out, full_att, P, cmask.float()
-
-    def seq_logp(m, ids, att, P):
-        logits = m(input_ids=ids, attention_mask=att).logits[:, P - 1:-1].float() / ro.temperature
-        return torch.log_softmax(logits, -1).gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)
-
-    def run_eval(state, sft_texts):
-        model.load_state_dict(state)
-        rewards, kls, texts = [], [], []
-        with torch.no_grad():
-            for k, i in enumerate(range(0, len(eval_prompts), ec.batch_size)):
-                ids, att, P, cm = sample(eval_prompts.ids[i:i + ec.batch_size], ec.seed + k)
-                comp = [tok.decode(c[m.bool()], skip_special_tokens=True) for c, m in zip(ids[:, P:], cm, strict=True)]
-                rewards += reward_fn(eval_prompts.texts[i:i + ec.batch_size], comp).tolist()
-                kls += ((seq_logp(model, ids, att, P) - seq_logp(sft_model, ids, att, P)) * cm).sum(-1).tolist()
-                texts += comp
-        same = sum(a == b for a, b in zip(texts, sft_texts, strict=True)) / len(texts) if sft_texts else 1.0
-        mean = sum(rewards) / len(rewards)
-        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
-        return {"reward_mean": mean, "reward_std": std, "kl_mean": sum(kls) / len(kls),
-                "identical_fraction": same, "num_prompts": len(rewards)}, texts
-
-    t0 = time.perf_counter()
-    sft_eval, sft_texts = run_eval(sft_state, None)
-    init, slerp_state, evals = sft_state, sft_state, []
-    for it in range(1, tc.iterations + 1):
-        finals = []
-        for m in range(tc.policies):
-            seed = policy_seed(tc.seed, it, m)
-            torch.manual_seed(seed)
-            model.load_state_dict(init)
-            ema = copy.deepcopy(model).requires_grad_(False)
-            if tc.anchor == "sft":
-                ema.load_state_dict(sft_state)
-            params = [p for p in model.parameters() if p.requires_grad]
-            ema_params = [e for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-            order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-            for step in range(1, tc.steps + 1):
-                idx = [order[((step - 1) * tc.batch_size + j) % len(order)] for j in range(tc.batch_size)]
-                with torch.no_grad():
-                    ids, att, P, cm = sample([train_prompts.ids[j] for j in idx], seed * 100003 + step)
-                comp = [tok.decode(c[k.bool()], skip_special_tokens=True) for c, k in zip(ids[:, P:], cm, strict=True)]
-                reward = reward_fn([train_prompts.texts[j] for j in idx], comp).to(device)
-                logp = seq_logp(model, ids, att, P)
-                with torch.no_grad():
-                    logp_ema = seq_logp(ema, ids, att, P)
-                shaped = rl.kl_shaped_reward(reward, logp.detach(), logp_ema, cm, tc.beta)
-                loss = rl.reinforce_loss(rl.sequence_logprob(logp, cm), shaped - rl.baseline(shaped, tc.baseline))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                opt.step()
-                if tc.anchor != "sft":
-                    rl.ema_update(ema_params, params, tc.mu)
-            finals.append(merging.clone_state(model.state_dict()))
-            del ema, opt
-        slerp_state, init = merging.merge_state_dicts(init, finals, cfg.merge.lam, cfg.merge.eta)
-        del finals
-        if ec.every_iteration and it < tc.iterations:
-            evals.append(run_eval(slerp_state, sft_texts)[0])
-    final, _ = run_eval(slerp_state, sft_texts)
-    t_run = time.perf_counter() - t0
-    return {"sft": sft_eval, "final": {**final, "weight_distance_to_sft": merging.distance(slerp_state, sft_state)},
-            "iteration_evals": evals, "setup_s": t_setup, "run_s": t_run, "total_s": time.perf_counter() - t_start}
+    res = nw.run()
+    t_total = time.perf_counter() - t_start
+    final = {k: v for k, v in res["final_state"].items()}
+    dist_to_sft = merging.distance(final, nw.sft_state)
+    del nw
+    torch.manual_seed(0)
+    w = Warp(cfg, log=lambda *_: None)
+    params = {n: final[n] for n in w.policy.names}
+    sft = w.evaluate_state(w.sft.full, None)
+    fin = w.evaluate_state(params, sft)
+    w.close()
+    return {"sft": sft.metrics, "final": {**fin.metrics, "weight_distance_to_sft": dist_to_sft},
+            "setup_s": t_setup, "run_s": res["run_s"], "total_s": t_total,
+            "train_reward_first_last": [res["train_rewards"][0], res["train_rewards"][-1]]}
 
 
 def naive_worker(config_yaml: str, out: str) -> dict:

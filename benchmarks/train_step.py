@@ -1,22 +1,24 @@
-"""One RL step of WARP split into its phases: generate / score / forward-backward-optimizer / EMA / weight push.
+"""One RL step: the project's settings side by side with a naive loop, in one run, phase by phase.
 
-    python benchmarks/train_step.py --size cpu                 # SmolLM2-135M, HF and (if importable) vLLM
-    python benchmarks/train_step.py --size tiny --backends hf  # seconds
+    python benchmarks/train_step.py --size cpu                 # SmolLM2-135M, the demo's step shape
+    python benchmarks/train_step.py --size tiny                # seconds (the test suite)
 
-Runs `Warp.train_policy` (the trainer's own step loop, one policy, one rank) for --steps steps per rollout
-backend and reads its history records; step 1 is the warm-up and is left out. Every step samples exactly
---new-tokens tokens per prompt (min = max new tokens) so the work per step is fixed.
-
-- generate / score / weight push: the records' time_generate_s, time_score_s, time_sync_s.
-- EMA: `warp_dist.rl.ema_update` timed on its own on the same parameter lists (median of 5, after a warm-up);
-  the records' time_train_s includes it, so fwd+bwd+opt = time_train_s - EMA.
-- generation tok/s = completion tokens / generate time; step tok/s = completion tokens / whole step.
-- push share = weight push time / whole step (the price of an engine that holds its own copy of the weights).
+naive:    benchmarks/naive.py `NaiveWarp.step` — HF `generate`, fp32, full-sequence logits, a full forward of an EMA
+          copy, `loss.backward()`, plain AdamW, EMA update (what a user writes with transformers in an afternoon).
+project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
+          backend), `fp32-vllm`, `bf16-vllm` (bf16 autocast compute with fp32 master weights and EMA, vLLM rollouts:
+          the demo's setting). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
+          one after the other in this process; every step samples exactly --new-tokens tokens (min = max) so the
+          work per step is fixed. Step 1 of each is a warm-up; the table shows medians over the timed steps.
+Columns: generate / score (reward) / train (forward, anchor forward, backward, optimizer, EMA) / weight push (into
+the rollout engine; none for naive and HF) / step, tokens per second of the whole step, and step / naive step (the
+goal of the speed issue is <= 0.5x). Quality is checked by benchmarks/e2e.py (final rewards of a whole run).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -30,121 +32,128 @@ from benchmarks import common  # noqa: E402
 
 NAME = "train_step"
 PRESETS = {
-    "tiny": dict(model="embedded:tiny-gpt2", batch_size=4, new_tokens=8, prompt_tokens=8, steps=3, backends="hf,vllm"),
-    "cpu": dict(model="embedded:smollm2-135m", batch_size=16, new_tokens=24, prompt_tokens=8, steps=4,
-                backends="hf,vllm"),
+    "tiny": dict(model="embedded:tiny-gpt2", batch_size=4, new_tokens=8, prompt_tokens=8, steps=3,
+                 variants="fp32-hf,bf16-hf,fp32-vllm"),
+    "cpu": dict(model="embedded:smollm2-135m", batch_size=16, new_tokens=24, prompt_tokens=8, steps=5,
+                variants="fp32-hf,fp32-vllm,bf16-hf,bf16-vllm"),
     "gpu": dict(model="embedded:smollm2-135m", batch_size=64, new_tokens=64, prompt_tokens=16, steps=6,
-                backends="hf,vllm"),
+                variants="fp32-hf,bf16-hf"),
 }
-COLUMNS = ["backend", "model", "batch x new tokens", "generate s", "score s", "fwd+bwd+opt s", "EMA s",
-           "weight push s", "step s", "gen tok/s", "step tok/s", "push share of step", "HF step / step"]
+VARIANTS = {"fp32-hf": ("float32", "hf"), "fp32-vllm": ("float32", "vllm"), "bf16-hf": ("bfloat16", "hf"),
+            "bf16-vllm": ("bfloat16", "vllm")}
+COLUMNS = ["run", "model", "batch x new tokens", "generate s", "score s", "train s", "weight push s", "step s",
+           "step tok/s", "push share", "step / naive"]
 
 
 def parse_args(argv):
     ap = common.parser(NAME, __doc__)
     ap.add_argument("--model", default=None, help="embedded:tiny-gpt2 | embedded:smollm2-135m | HF folder")
-    ap.add_argument("--backends", default=None, help="comma list of hf, vllm (vllm is skipped if not importable)")
+    ap.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per step (one completion each)")
     ap.add_argument("--new-tokens", type=int, default=None, help="completion tokens per prompt (fixed)")
     ap.add_argument("--prompt-tokens", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="RL steps per backend; the first is the warm-up")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--kv-cache-gb", type=float, default=0.0, help="vLLM-CPU KV cache (GiB); 0 = sized to the batch")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run; the first is the warm-up")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     args = common.apply_preset(ap.parse_args(argv), PRESETS)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (step 1 is the warm-up)")
+    unknown = [v for v in args.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; allowed {', '.join(VARIANTS)}")
     return args
 
 
-def warp_config(args, backend: str, out_dir: str):
+def warp_config(args, dtype: str, backend: str, out_dir: str):
     from warp_dist.config import config_from_dict
 
     b, t = args.batch_size, args.new_tokens
     return config_from_dict({
         "output_dir": out_dir, "progress": False, "log_every": 10**6,
-        "model": {"name": args.model, "dtype": args.dtype},
+        "model": {"name": args.model, "dtype": dtype},
         "data": {"prompt_min_tokens": args.prompt_tokens, "prompt_max_tokens": args.prompt_tokens,
                  "num_train_prompts": b * args.steps, "num_eval_prompts": 1, "seed": args.seed},
         "reward": {"kind": "vader"},
-        "rollout": {"backend": backend, "max_new_tokens": t, "min_new_tokens": t,
-                    "vllm": {"kv_cache_space_gb": args.kv_cache_gb}},
-        "train": {"iterations": 1, "policies": 1, "steps": args.steps, "batch_size": b, "seed": args.seed},
+        "rollout": {"backend": backend, "max_new_tokens": t, "min_new_tokens": t},
+        "train": {"iterations": 1, "policies": 1, "steps": args.steps, "batch_size": b, "seed": args.seed,
+                  "lr": 1e-5},
     })
 
 
-def time_ema(w, mu: float) -> float:
-    """Median seconds of one EMA update over the trainable parameters (what the trainer does per step)."""
+def summarize(steps: list[dict]) -> dict:
+    timed = steps[1:]
+    med = {k: statistics.median(s[k] for s in timed) for k in ("generate_s", "score_s", "train_s", "push_s", "step_s")}
+    tokens = statistics.median(s["tokens"] for s in timed)
+    return {**med, "tokens_per_step": tokens, "step_tokens_per_s": tokens / med["step_s"],
+            "push_share": med["push_s"] / med["step_s"], "rewards": [s["reward_mean"] for s in steps],
+            "steps": steps}
+
+
+def bench_naive(args) -> dict:
+    """The naive loop on the same prompts (benchmarks/naive.py)."""
     import torch
 
-    ref = w.reference.w
-    snapshot = {n: ref.local(n).clone() for n in ref.names}
-    res = common.timeit(lambda: w.reference.ema_update_(w.policy, mu), repeat=5, warmup=1)
-    with torch.no_grad():
-        for n, s in snapshot.items():
-            ref.local(n).copy_(s)
-    return res["median_s"]
+    from benchmarks.naive import NaiveWarp
+
+    with tempfile.TemporaryDirectory(prefix="warp_bench_naive_") as tmp:
+        cfg = warp_config(args, "float32", "hf", tmp)
+        nw = NaiveWarp(cfg)
+        nw.start_policy(nw.sft_state)
+        b = args.batch_size
+        steps = []
+        for s in range(args.steps):
+            ids = nw.train_prompts.ids[s * b:(s + 1) * b]
+            texts = nw.train_prompts.texts[s * b:(s + 1) * b]
+            rec = nw.step(ids, texts, seed=1000 + s)
+            steps.append({**rec, "push_s": 0.0})
+        del nw
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return summarize(steps)
 
 
-def bench_backend(args, backend: str) -> dict:
-    """Build a Warp for `backend`, run the step loop, average the timed steps' phases."""
-    import torch
-
+def bench_variant(args, name: str) -> dict:
+    """The trainer's own step (`Warp.rl_step`) for one dtype x backend."""
     from warp_dist.trainer import Warp
 
+    dtype, backend = VARIANTS[name]
     with tempfile.TemporaryDirectory(prefix="warp_bench_step_") as tmp:
-        cfg = warp_config(args, backend, tmp)
+        cfg = warp_config(args, dtype, backend, tmp)
         t0 = time.perf_counter()
         w = Warp(cfg, log=lambda *_: None)
         setup_s = time.perf_counter() - t0
         try:
-            res = w.train_policy(iteration=1, policy=0)
-            ema_s = time_ema(w, cfg.train.mu)
-            num_params = sum(w.policy.w.numels.values())
+            w.policy.begin(w.init)
+            w.reference.load_(w.init.part, "ema")
+            w.push_weights()
+            order = list(range(len(w.train_prompts)))
+            steps = []
+            for s in range(1, args.steps + 1):
+                r = w.rl_step(1, 0, s, 1000, order)
+                steps.append({"generate_s": r["time_generate_s"], "score_s": r["time_score_s"],
+                              "train_s": r["time_train_s"], "push_s": r["time_sync_s"],
+                              "step_s": r["time_generate_s"] + r["time_score_s"] + r["time_train_s"] + r["time_sync_s"],
+                              "reward_mean": r["reward_mean"], "tokens": r["length_mean"] * args.batch_size,
+                              "sampler_logprob_gap": r.get("sampler_logprob_gap")})
         finally:
             w.close()
-    timed = res.history[1:]
-    gen = common.mean(r["time_generate_s"] for r in timed)
-    score = common.mean(r["time_score_s"] for r in timed)
-    train = common.mean(r["time_train_s"] for r in timed)
-    push = common.mean(r["time_sync_s"] for r in timed)
-    tokens = common.mean(r["tokens_per_s"] * r["time_generate_s"] for r in timed)
-    step = gen + score + train + push
-    gaps = [r["sampler_logprob_gap"] for r in timed if "sampler_logprob_gap" in r]
-    out = {
-        "setup_s": setup_s, "timed_steps": len(timed), "tokens_per_step": tokens,
-        "generate_s": gen, "score_s": score, "train_incl_ema_s": train,
-        "fwd_bwd_opt_s": max(train - ema_s, 0.0), "ema_s": ema_s, "weight_push_s": push, "step_s": step,
-        "generate_tokens_per_s": tokens / gen, "step_tokens_per_s": tokens / step,
-        "weight_push_share": push / step,
-        "share": {"generate": gen / step, "score": score / step, "fwd_bwd_opt": max(train - ema_s, 0.0) / step,
-                  "ema": ema_s / step, "weight_push": push / step},
-        "num_params": num_params,
-        "sampler_logprob_gap": common.mean(gaps),
-        "steps": [{k: r[k] for k in ("step", "time_generate_s", "time_score_s", "time_train_s", "time_sync_s",
-                                     "tokens_per_s", "reward_mean")} for r in res.history],
-    }
-    del w, res
+    out = summarize(steps)
+    out["setup_s"] = setup_s
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return out
 
 
 def table(res: dict) -> list[list[str]]:
-    c = res["config"]
-    hf = res["backends"].get("hf", {})
+    c, naive = res["config"], res["runs"].get("naive", {})
     rows = []
-    for name, r in res["backends"].items():
+    for name, r in res["runs"].items():
         if "skipped" in r:
             rows.append([name, c["model"], f"{c['batch_size']} x {c['new_tokens']}", f"skipped: {r['skipped']}",
                          *["-"] * (len(COLUMNS) - 4)])
             continue
         rows.append([name, c["model"], f"{c['batch_size']} x {c['new_tokens']}", common.fmt(r["generate_s"]),
-                     common.fmt(r["score_s"]), common.fmt(r["fwd_bwd_opt_s"]), common.fmt(r["ema_s"]),
-                     common.fmt(r["weight_push_s"]), common.fmt(r["step_s"]),
-                     common.fmt(r["generate_tokens_per_s"]), common.fmt(r["step_tokens_per_s"]),
-                     f"{100 * r['weight_push_share']:.1f}%",
-                     common.fmt_ratio(common.ratio(hf.get("step_s"), r["step_s"])) if "step_s" in hf else "-"])
+                     common.fmt(r["score_s"]), common.fmt(r["train_s"]), common.fmt(r["push_s"]),
+                     common.fmt(r["step_s"]), common.fmt(r["step_tokens_per_s"]), f"{100 * r['push_share']:.1f}%",
+                     common.fmt_ratio(common.ratio(r["step_s"], naive.get("step_s")))])
     return rows
 
 
@@ -153,38 +162,24 @@ def main(argv=None) -> dict:
     import torch
 
     torch.manual_seed(args.seed)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for b in backends:
-        if b not in ("hf", "vllm"):
-            raise SystemExit(f"--backends: unknown backend {b!r}; allowed hf, vllm")
-    results = {}
-    for b in backends:
-        if b == "vllm":
-            why = common.vllm_import_error()
-            if why is not None:
-                results[b] = {"skipped": f"vLLM not importable ({why})"}
-                continue
-            try:
-                results[b] = bench_backend(args, b)
-            except Exception as exc:  # noqa: BLE001 - keep the HF numbers; the table and JSON say what failed
-                first = (str(exc).splitlines() or [""])[0][:300]
-                results[b] = {"skipped": f"failed: {type(exc).__name__}: {first}"}
+    runs = {}
+    if not args.no_naive:
+        runs["naive"] = bench_naive(args)
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if VARIANTS[name][1] == "vllm" and common.vllm_import_error() is not None:
+            runs[name] = {"skipped": f"vLLM not importable ({common.vllm_import_error()})"}
             continue
-        results[b] = bench_backend(args, b)
-    hf, vl = results.get("hf", {}), results.get("vllm", {})
-    ratios = {}
-    if "step_s" in hf and "step_s" in vl:
-        ratios = {"hf_step_over_vllm_step": hf["step_s"] / vl["step_s"],
-                  "hf_generate_over_vllm_generate": hf["generate_s"] / vl["generate_s"]}
+        runs[name] = bench_variant(args, name)
+    naive = runs.get("naive", {})
+    ratios = {name: r["step_s"] / naive["step_s"] for name, r in runs.items()
+              if name != "naive" and "step_s" in r and "step_s" in naive}
     res = {
         "config": {"model": args.model, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                    "prompt_tokens": args.prompt_tokens, "steps": args.steps, "warmup_steps": 1,
-                   "dtype": args.dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                   "torch_threads": torch.get_num_threads()},
-        "backends": results,
-        "ratios": ratios,
-        "notes": "per-step means over the timed steps (step 1 left out); fwd+bwd+opt = time_train_s - EMA, "
-                 "EMA timed separately with rl.ema_update on the same parameters",
+                   "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()},
+        "runs": runs,
+        "step_over_naive": ratios,
+        "notes": "medians over the timed steps (step 1 of every run left out); every run samples the same prompts",
     }
     res["rows"] = table(res)
     return common.finish(NAME, args, argv, res, COLUMNS, res["rows"])

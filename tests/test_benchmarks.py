@@ -41,21 +41,22 @@ def test_train_step(results, tiny_model_path):
 
     out = results / "train_step.json"
     res = check_written(train_step.main(["--size", "tiny", "--out", str(out)]), out, "train_step")
-    want = ["hf"] + (["vllm"] if common.vllm_import_error() is None else [])
-    assert [b for b in res["backends"] if "skipped" not in res["backends"][b]] == want
+    want = ["naive", "fp32-hf", "bf16-hf"] + (["fp32-vllm"] if common.vllm_import_error() is None else [])
+    assert [b for b in res["runs"] if "skipped" not in res["runs"][b]] == want
     for name in want:
-        r = res["backends"][name]
-        assert r["timed_steps"] == res["config"]["steps"] - 1
-        for k in ("generate_s", "score_s", "fwd_bwd_opt_s", "ema_s", "weight_push_s", "step_s",
-                  "generate_tokens_per_s", "step_tokens_per_s", "tokens_per_step", "weight_push_share"):
+        r = res["runs"][name]
+        assert len(r["steps"]) == res["config"]["steps"]
+        for k in ("generate_s", "score_s", "train_s", "step_s", "step_tokens_per_s", "tokens_per_step"):
             assert positive(r[k]), (name, k, r[k])
         assert r["tokens_per_step"] == res["config"]["batch_size"] * res["config"]["new_tokens"]
-        assert r["weight_push_share"] < 1
-        parts = r["generate_s"] + r["score_s"] + r["fwd_bwd_opt_s"] + r["ema_s"] + r["weight_push_s"]
-        assert parts == pytest.approx(r["step_s"], rel=1e-6)
-    if "vllm" in want:
-        assert positive(res["ratios"]["hf_step_over_vllm_step"])
-        assert math.isfinite(res["backends"]["vllm"]["sampler_logprob_gap"])
+        for s in r["steps"]:
+            assert s["step_s"] == pytest.approx(s["generate_s"] + s["score_s"] + s["train_s"] + s["push_s"], rel=1e-6)
+    assert res["runs"]["naive"]["push_s"] == 0 and res["runs"]["fp32-hf"]["push_s"] >= 0
+    for name in want[1:]:
+        assert positive(res["step_over_naive"][name])
+    if "fp32-vllm" in want:
+        assert positive(res["runs"]["fp32-vllm"]["push_s"])
+        assert all(math.isfinite(s["sampler_logprob_gap"]) for s in res["runs"]["fp32-vllm"]["steps"])
 
 
 def test_merge(results, tiny_model_path):

@@ -104,16 +104,19 @@ class Weights:
         else:
             yield p.data
 
-    def iter_full(self, dtype: torch.dtype | None = None, with_aliases: bool = False
+    def iter_full(self, dtype: torch.dtype | None = None, with_aliases: bool = False, copy: bool = True
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor copy) one parameter at a time; with_aliases also yields tied names (same tensor)
-        and the persistent buffers — the full state dict, as vLLM's loader wants it."""
+        """(name, full tensor) one parameter at a time; with_aliases also yields tied names (same tensor) and the
+        persistent buffers — the full state dict, as vLLM's loader wants it. copy=False yields the live parameter
+        itself when it is whole and already in `dtype` (the consumer must not keep or modify it); under ZeRO-3 the
+        gathered tensor is always copied (it is partitioned again when the next one is gathered)."""
         by_name: dict[str, list[str]] = {}
         for key, name in self.aliases.items():
             by_name.setdefault(name, []).append(key)
         for name in self.names:
             with self.gathered(name) as full:
-                t = full.detach().to(dtype if dtype is not None else full.dtype, copy=True)
+                want = dtype if dtype is not None else full.dtype
+                t = full.detach().to(want, copy=copy or self.zero3)
             for key in (by_name[name] if with_aliases else [name]):
                 yield key, t
         if with_aliases:
@@ -335,7 +338,7 @@ class Policy:
             reset_optimizer_state(self.engine.optimizer.optimizer)
             self.engine.zero_grad()
         else:
-            self.opt = torch.optim.AdamW(self._trainable, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+            self.opt = make_adamw(self._trainable, self.tc.lr, self.tc.weight_decay)
 
     def end(self) -> None:
         """Free what only training needs: the optimizer (plain/DDP) and the gradients."""
@@ -427,6 +430,15 @@ class Policy:
                 self.engine.destroy()
             self.engine = None
         self.opt = self.ddp = None
+
+
+def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch's fused AdamW where it exists (CPU and CUDA, fp32 weights): one pass over each tensor instead of a
+    dozen, ~10x faster on this 2-core CPU for SmolLM2 (0.035 s vs 0.38 s per step); the plain one otherwise."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def reset_optimizer_state(opt: torch.optim.Optimizer) -> None:

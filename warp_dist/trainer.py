@@ -147,7 +147,7 @@ class Warp:
         """New weights version into the rollout backend (streamed tensor by tensor; gathered under ZeRO-3)."""
         t0 = time.perf_counter()
         self.version += 1
-        self.backend.update_weights(lambda: self.policy.w.iter_full(with_aliases=True), self.version)
+        self.backend.update_weights(lambda: self.policy.w.iter_full(with_aliases=True, copy=False), self.version)
         self._tick("sync", time.perf_counter() - t0)
 
     def logprobs(self, logits_fn, batch, support=None):
