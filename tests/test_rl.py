@@ -316,3 +316,16 @@ def test_truncate_at_eos():
     assert truncate_at_eos([0, 1, 2], {0}) == [0]
     assert truncate_at_eos([3, 9, 0, 9], {0, 9}) == [3, 9]
     assert truncate_at_eos([], {0}) == []
+
+
+def test_rloo_baseline_per_prompt_hand_computed():
+    # 2 prompts x 3 completions, prompt-major: prompt 0 -> [1, 2, 6], prompt 1 -> [0, 0, 3]
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    loo = baseline(r, "loo", num_completions=3)
+    torch.testing.assert_close(loo, torch.tensor([4.0, 3.5, 1.5, 1.5, 1.5, 0.0]))
+    mean = baseline(r, "mean", num_completions=3)
+    torch.testing.assert_close(mean, torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 1.0]))
+    # k = 1 is the whole-batch baseline
+    torch.testing.assert_close(baseline(r, "loo", 1), (r.sum() - r) / 5)
+    with pytest.raises(ValueError, match="groups of num_completions=4"):
+        baseline(r, "loo", num_completions=4)

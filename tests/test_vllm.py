@@ -243,3 +243,29 @@ def test_killed_vllm_run_resumes_bit_identical(vllm_run, tmp_path):
     resumed = vllm_warp(out, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "final" / "model.safetensors").read_bytes() == (vllm_run / "final" / "model.safetensors").read_bytes()
+
+
+def test_k_completions_per_prompt_with_rloo(tmp_path, tiny_model_path):
+    """rollout.num_completions=2 on vLLM: the prompt is one request with n = 2 (prefilled once), both completions
+    are scored and trained on with the per-prompt leave-one-out baseline."""
+    out = tmp_path / "k2"
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"output_dir={out}", "rollout.backend=vllm", "rollout.num_completions=2", "train.steps=2",
+           "train.iterations=1", "train.batch_size=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch=4x2" in proc.stdout
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert len(train) == 2 * 2 and all(r["sampler_logprob_gap"] < 1e-3 for r in train)
+    assert json.loads((out / "summary.json").read_text())["final"]["weight_distance_to_sft"] > 0
+
+
+def test_vllm_n_completions_are_seeded_per_prompt(state):
+    engine, prompts = state["engine"], state["prompts"]
+    s = SamplingConfig(max_new_tokens=8, eos_ids=tuple(state["eos"]))
+    a = engine.generate(prompts, s, seed=3, num_completions=2)
+    assert len(a.completion_ids) == 2 * len(prompts) and a.prompt_ids[0] == a.prompt_ids[1] == prompts[0]
+    assert a.completion_ids[0] != a.completion_ids[1]  # two different samples of the same prompt
+    b = engine.generate(prompts[2:], s, seed=3, num_completions=2, indices=list(range(2, len(prompts))))
+    assert b.completion_ids == a.completion_ids[4:]  # independent of the other prompts in the batch

@@ -233,9 +233,9 @@ class Warp:
         # the group's step batch is tc.batch_size prompts; rank r of the group takes every g-th one, k times each
         slots = [j * g + r for j in range(B)]
         idx = [order[((step - 1) * tc.batch_size + s) % len(order)] for s in slots]
-        prompts = [self.train_prompts.ids[i] for i in idx for _ in range(k)]
-        gens = self.backend.generate(prompts, self.sampling, seed=step_seed(seed, step), version=self.version,
-                                     indices=[s * k + c for s in slots for c in range(k)])
+        gens = self.backend.generate([self.train_prompts.ids[i] for i in idx], self.sampling,
+                                     seed=step_seed(seed, step), version=self.version, indices=slots,
+                                     num_completions=k)
         t1 = self._clock()
         at = where(iteration, policy, step)
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)

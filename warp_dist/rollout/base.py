@@ -52,19 +52,30 @@ class RolloutBackend:
     version = 0
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
-                 version: int | None = None, indices: list[int] | None = None) -> Generations:
-        """One completion per prompt; prompt b is sampled with `request_seed(seed, indices[b])` (default b), so a
-        completion depends on its prompt, seed and index only — not on the batch it shares or the rank count."""
+                 version: int | None = None, indices: list[int] | None = None,
+                 num_completions: int = 1) -> Generations:
+        """`num_completions` (k) completions per prompt, prompt-major (prompt b's k completions are contiguous).
+
+        Prompt b is sampled from `request_seed(seed, indices[b])` (default b), so its completions depend on the
+        prompt, seed, index and k only — not on the batch it shares or the rank count.
+        """
         if version is not None and version != self.version:
             raise StaleWeightsError(f"{self.name} backend holds weights v{self.version}, policy is at v{version}: "
                                     "push the weights (update_weights) before sampling")
         idx = list(range(len(prompt_ids))) if indices is None else list(indices)
         if len(idx) != len(prompt_ids):
             raise ValueError(f"{len(idx)} indices for {len(prompt_ids)} prompts")
-        return self._generate(prompt_ids, sampling, [request_seed(seed, i) for i in idx])
+        if num_completions == 1:
+            return self._generate(prompt_ids, sampling, [request_seed(seed, i) for i in idx])
+        return self._generate_n(prompt_ids, sampling, [request_seed(seed, i) for i in idx], num_completions)
 
     def _generate(self, prompt_ids, sampling, seeds: list[int]) -> Generations:
         raise NotImplementedError
+
+    def _generate_n(self, prompt_ids, sampling, seeds: list[int], k: int) -> Generations:
+        """k completions per prompt; default: the prompt k times, completion c of prompt b seeded from (seeds[b], c)."""
+        reps = [p for p in prompt_ids for _ in range(k)]
+        return self._generate(reps, sampling, [request_seed(s, c) for s in seeds for c in range(k)])
 
     def update_weights(self, weights, version: int) -> None:
         """Make the backend sample from the policy's current weights, labelled `version`.

@@ -110,7 +110,7 @@ class VllmBackend(RolloutBackend):
                     _bind_cpu_threads(self.bound_cores)
 
         kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
-                  max_model_len=max_len, logprobs_mode="processed_logprobs")
+                  max_model_len=max_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True)
         if self.kv_cache_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kw["kv_cache_memory_bytes"] = self.kv_cache_bytes
             kw["max_num_seqs"] = max(1, max_seqs)
@@ -124,10 +124,10 @@ class VllmBackend(RolloutBackend):
         self.llm = vllm.LLM(**kw)
 
     # ------------------------------------------------------------------ sampling
-    def _sampling_params(self, sampling: SamplingConfig, seed: int):
+    def _sampling_params(self, sampling: SamplingConfig, seed: int, n: int = 1):
         greedy = sampling.greedy
         return self._vllm.SamplingParams(
-            n=1, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+            n=n, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
             temperature=0.0 if greedy else sampling.temperature,
             top_k=0 if greedy else sampling.top_k,  # vLLM: 0 = off
             top_p=1.0 if greedy else sampling.top_p,
@@ -139,13 +139,29 @@ class VllmBackend(RolloutBackend):
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = [self._sampling_params(sampling, s) for s in seeds]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        completions, logprobs = [], []
-        for out in outs:
-            c = out.outputs[0]
-            ids = truncate_at_eos(list(c.token_ids), self.eos_ids)
-            completions.append(ids)
-            logprobs.append([float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)] if c.logprobs else [])
-        return Generations([list(p) for p in prompt_ids], completions, logprobs)
+        return self._collect(prompt_ids, outs, 1)
+
+    def _generate_n(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int], k: int
+                    ) -> Generations:
+        """k completions per prompt as one request with n = k: the prompt is prefilled once and shared."""
+        self._wake()
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outs = self.llm.generate(prompts, [self._sampling_params(sampling, s, n=k) for s in seeds], use_tqdm=False)
+        return self._collect(prompt_ids, outs, k)
+
+    def _collect(self, prompt_ids, outs, k: int) -> Generations:
+        prompts_out, completions, logprobs = [], [], []
+        for p, out in zip(prompt_ids, outs, strict=True):
+            children = sorted(out.outputs, key=lambda c: c.index)
+            if len(children) != k:
+                raise RuntimeError(f"vLLM returned {len(children)} completions for a prompt, expected {k}")
+            for c in children:
+                ids = truncate_at_eos(list(c.token_ids), self.eos_ids)
+                prompts_out.append(list(p))
+                completions.append(ids)
+                logprobs.append([float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)] if c.logprobs
+                                else [])
+        return Generations(prompts_out, completions, logprobs)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
