@@ -99,7 +99,10 @@ class Warp:
             vllm_cfg=cfg.rollout.vllm, seed=tc.seed + 7919 * d.rank,
             autocast_fn=lambda: autocast(self.device, self.compute_dtype),
             sync=d.group_any if (self.policy.w.zero3 and d.group_size > 1) else None,
-            max_seqs=max(self.local_batch * self.k, cfg.eval.batch_size), max_len=max_len, log=self.log)
+            max_seqs=max(tc.batch_size * self.k, cfg.eval.batch_size), max_len=max_len, group_size=d.group_size,
+            log=self.log)
+        # a tensor-parallel engine (CUDA, G > 1) samples the whole group batch on every rank of the group
+        self.group_sampling = getattr(self.backend, "tensor_parallel", 1) > 1
         self.version = 0
         self.timers: dict[str, float] = {}
         self._pending: list[dict] = []
@@ -232,10 +235,15 @@ class Warp:
         t0 = self._clock()
         # the group's step batch is tc.batch_size prompts; rank r of the group takes every g-th one, k times each
         slots = [j * g + r for j in range(B)]
-        idx = [order[((step - 1) * tc.batch_size + s) % len(order)] for s in slots]
+        asked = list(range(tc.batch_size)) if self.group_sampling else slots  # TP engine: the whole group batch
+        idx = [order[((step - 1) * tc.batch_size + s) % len(order)] for s in asked]
         gens = self.backend.generate([self.train_prompts.ids[i] for i in idx], self.sampling,
-                                     seed=step_seed(seed, step), version=self.version, indices=slots,
+                                     seed=step_seed(seed, step), version=self.version, indices=asked,
                                      num_completions=k)
+        if self.group_sampling:  # keep this rank's slots
+            keep = [s * k + c for s in slots for c in range(k)]
+            gens = type(gens)([gens.prompt_ids[i] for i in keep], [gens.completion_ids[i] for i in keep],
+                              [gens.sampler_logprobs[i] for i in keep] if gens.sampler_logprobs else None)
         t1 = self._clock()
         at = where(iteration, policy, step)
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
@@ -382,15 +390,17 @@ class Warp:
         self.push_weights()
         ec, d = self.cfg.eval, self.dist
         nb = -(-len(self.eval_prompts) // ec.batch_size)
-        mine = [k for k in range(nb) if k % d.world_size == d.rank]
-        rounds = -(-nb // d.world_size)  # every rank runs the same number of batches (ZeRO-3 forwards are collective)
+        # batch k goes to rank k % W; with a tensor-parallel engine to group k % M, whose ranks all run it
+        units, unit = (d.topo.num_policies, d.topo.group_of(d.rank)) if self.group_sampling else (d.world_size, d.rank)
+        mine = [k for k in range(nb) if k % units == unit]
+        rounds = -(-nb // units)  # every rank runs the same number of batches (ZeRO-3 forwards are collective)
         records, times = [], {"generate": 0.0, "score": 0.0, "kl": 0.0, "tokens": 0}
         for i in range(rounds):
             real = i < len(mine)
             k = mine[i] if real else 0
             got, t = self.eval_batch(k)
             faults.point("eval")
-            if real:
+            if real and (d.is_leader or not self.group_sampling):
                 records += got
                 for key in times:
                     times[key] += t[key]

@@ -55,7 +55,8 @@ class VllmBackend(RolloutBackend):
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
-                 device: torch.device | str = "cpu", max_seqs: int = 64, max_len: int = 0, eos_ids=None):
+                 device: torch.device | str = "cpu", max_seqs: int = 64, max_len: int = 0, eos_ids=None,
+                 group_size: int = 1):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-step reload chatter otherwise; env overrides
         try:
             import vllm
@@ -117,6 +118,14 @@ class VllmBackend(RolloutBackend):
         if self.on_cuda:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kw["enable_sleep_mode"] = self.sleep_mode
+        # CUDA with several GPUs per policy group: one engine per group, tensor parallel over the group's G GPUs and
+        # data parallel over the M groups (vLLM's external launcher: TP groups are consecutive ranks, like the
+        # policy groups). Every rank of a group then issues the same requests and gets the same outputs; each rank
+        # is fed the full tensors and its engine keeps its own shard. On CPU every rank keeps its own whole engine.
+        self.tensor_parallel = group_size if (self.on_cuda and group_size > 1) else 1
+        if self.tensor_parallel > 1:
+            kw["tensor_parallel_size"] = self.tensor_parallel
+            kw["data_parallel_size"] = world // self.tensor_parallel
         if world > 1:
             # each rank drives its own engine; vLLM joins the existing process group instead of creating one
             kw["distributed_executor_backend"] = "external_launcher"
