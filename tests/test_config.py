@@ -113,7 +113,7 @@ def test_override_without_equals():
     ("train.mu=0", "train.mu"),
     ("train.mu=1.5", "train.mu"),
     ("train.beta=-1", "train.beta"),
-    ("train.lr=0", "train.lr"),
+    ("train.lr=-1e-5", "train.lr"),
     ("train.baseline=median", "train.baseline"),
     ("rollout.backend=foo", "rollout.backend"),
     ("reward.kind=foo", "reward.kind"),

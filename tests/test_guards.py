@@ -151,3 +151,16 @@ def test_run_with_nan_reward_stops_with_one_line(tmp_path, tiny_model_path):
     metrics = out / "metrics.jsonl"
     if metrics.exists():  # nothing non-finite was recorded before the run stopped
         assert all("NaN" not in line and json.loads(line) for line in metrics.read_text().splitlines())
+
+
+def test_nothing_moved_is_stopped_with_one_line(tmp_path, tiny_model_path):
+    """The failure this project exists to rule out, reproduced on purpose: train.lr=0 cannot move the weights, and
+    the run stops at the first merge with one line saying so (instead of reporting an 'aligned' model)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"output_dir={out}", "train.lr=0", "train.iterations=1", "train.steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: policy 0's task vector has norm 0.0: its training did not change the weights"), last
+    assert not (out / "final").exists() and not (out / "summary.json").exists()

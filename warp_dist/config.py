@@ -232,7 +232,8 @@ def validate(c: WarpConfig) -> None:
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _check(t.baseline != "loo" or ro.num_completions >= 2 or t.batch_size >= 2, "train.batch_size",
            ">= 2 with baseline=loo (or rollout.num_completions >= 2)", t.batch_size)
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
+    # lr = 0 is allowed on purpose: it reproduces the "nothing moved" failure, which the run then stops on
+    _check(t.lr >= 0 and math.isfinite(t.lr), "train.lr", "a finite number >= 0", t.lr)
     _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
     _check(t.beta >= 0, "train.beta", "beta >= 0", t.beta)
