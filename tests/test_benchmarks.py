@@ -143,3 +143,17 @@ def test_run_all_plan_and_report(results, tmp_path):
         assert header.endswith("| command |") and rows, name
         for row in rows:
             assert f"`python benchmarks/{name}.py" in row and columns(row) == columns(header), row
+
+
+def test_memory(results, tiny_model_path):
+    """Real runs with the peak resident memory of every rank read from /proc while they run."""
+    from benchmarks import memory
+
+    out = results / "memory.json"
+    res = check_written(memory.main(["--size", "tiny", "--out", str(out)]), out, "memory")
+    cases = {c["case"]: c for c in res["cases"]}
+    assert set(cases) == {"1 process, HF", "ZeRO-3 G=1 M=1", "ZeRO-3 G=2 M=1"}
+    assert sorted(cases["ZeRO-3 G=2 M=1"]["peak_bytes_per_rank"]) == ["0", "1"]
+    for c in cases.values():
+        assert all(200e6 < v < 8e9 for v in c["peak_bytes_per_rank"].values()), c  # a python process with torch
+    assert cases["1 process, HF"]["peak_over_one_process_hf"] == 1.0
