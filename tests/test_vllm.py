@@ -131,6 +131,20 @@ def test_weight_push_makes_vllm_fresh(state):
     assert engine.generate(prompts, greedy(), seed=0, version=new_version).completion_ids == target
 
 
+def test_vllm_n_completions_are_seeded_per_prompt(state):
+    engine, prompts = state["engine"], state["prompts"]
+    s = SamplingConfig(max_new_tokens=8, eos_ids=tuple(state["eos"]))
+    a = engine.generate(prompts, s, seed=3, num_completions=2)
+    assert len(a.completion_ids) == 2 * len(prompts) and a.prompt_ids[0] == a.prompt_ids[1] == prompts[0]
+    assert a.completion_ids[0] != a.completion_ids[1]  # two different samples of the same prompt
+    b = engine.generate(prompts[2:], s, seed=3, num_completions=2, indices=list(range(2, len(prompts))))
+    assert b.completion_ids == a.completion_ids[4:]  # independent of the other prompts in the batch
+
+
+# Tests below start (and close) engines of their own in this process; closing one tears down vLLM's global parallel
+# state, so every test of the shared module engine (`state`) sits above this line.
+
+
 def test_cpu_slice():
     assert [cpu_slice([0, 1], r, 2) for r in range(2)] == [[0], [1]]
     assert [cpu_slice(list(range(5)), r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
@@ -259,13 +273,3 @@ def test_k_completions_per_prompt_with_rloo(tmp_path, tiny_model_path):
     train = [r for r in recs if r["kind"] == "train"]
     assert len(train) == 2 * 2 and all(r["sampler_logprob_gap"] < 1e-3 for r in train)
     assert json.loads((out / "summary.json").read_text())["final"]["weight_distance_to_sft"] > 0
-
-
-def test_vllm_n_completions_are_seeded_per_prompt(state):
-    engine, prompts = state["engine"], state["prompts"]
-    s = SamplingConfig(max_new_tokens=8, eos_ids=tuple(state["eos"]))
-    a = engine.generate(prompts, s, seed=3, num_completions=2)
-    assert len(a.completion_ids) == 2 * len(prompts) and a.prompt_ids[0] == a.prompt_ids[1] == prompts[0]
-    assert a.completion_ids[0] != a.completion_ids[1]  # two different samples of the same prompt
-    b = engine.generate(prompts[2:], s, seed=3, num_completions=2, indices=list(range(2, len(prompts))))
-    assert b.completion_ids == a.completion_ids[4:]  # independent of the other prompts in the batch
