@@ -141,7 +141,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             got = {}
             distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
                                  lambda n: init[n].reshape(-1).float(), sources,
-                                 lambda i, ps: merging.merge_tensor(i, ps, args.lam, args.eta),
+                                 lambda name, i, ps: merging.merge_pass(i, ps, args.lam, args.eta),
                                  lambda n, full: got.__setitem__(n, full))
             return got
 

@@ -3,8 +3,8 @@
     accelerate launch launch/warp.py --config configs/<preset>.yaml [dotted.key=value ...]
     python launch/warp.py --config configs/tiny.yaml train.steps=3
 
-Reads and validates the config and runs the preflight checks (warp_dist.preflight) before anything expensive
-starts, then runs the WARP loop and prints a SFT-vs-WARP table. Bad input ends it with one line and exit code 2
+Reads and validates the config, runs the preflight checks (warp_dist.preflight) and the memory plan
+(warp_dist.plan: refuses a run whose ranks cannot fit the device's memory) before anything expensive starts, then runs the WARP loop and prints a SFT-vs-WARP table. Bad input ends it with one line and exit code 2
 (`config error: ...` / `error: ...`; debug=true adds the traceback).
 Run folder: config.yaml, metrics.jsonl, final/, summary.json (+ iter_<i>/ when asked); a folder that already holds
 a run is refused unless resume=true or overwrite=true.
@@ -37,12 +37,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from warp_dist import preflight  # none of these imports torch: bad input is reported at once
+    from warp_dist import plan, preflight  # none of these imports torch: bad input is reported at once
     from warp_dist.runner import RunDirError, print_error, run
     from warp_dist.topology import TopologyError
 
     try:
-        preflight.check(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any weights load
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        preflight.check(cfg, world)  # before any weights load
+        plan.check(cfg, world)  # the memory plan (config.json only): refuses a run that cannot fit
         run(cfg)
     except (ConfigError, TopologyError) as exc:
         print_error(exc, cfg.debug, prefix="config error")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print_error(exc, cfg.debug)
         return 2
-    except preflight.PreflightError as exc:
+    except (preflight.PreflightError, plan.PlanError) as exc:
         print_error(exc, cfg.debug)
         return 2
     except Exception as exc:

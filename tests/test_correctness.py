@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from warp_dist import sampling
+from warp_dist import merging, sampling
 from warp_dist.config import config_from_dict
 from warp_dist.data import bos_prefix, decode_pairs, make_prompts
 from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
@@ -242,7 +242,8 @@ def test_merge_diagnostics_report_the_per_tensor_angles_slerp_used():
     p1 = [torch.tensor([0.0, 1, 0, 0]), 2 * torch.ones(100)]
     diag = MergeDiagnostics(2)
     for i in range(2):
-        diag.add(init[i], [p0[i], p1[i]], p0[i], p0[i], init[i])
+        _, _, gram = merging.merge_pass(init[i], [p0[i], p1[i]], 0.5, 0.5)
+        diag.add(init[i].numel(), gram, 0.5, 0.5)
     s = diag.summary()
     per = s["tensor_angle_deg"]["0-1"]
     assert per["min"] == pytest.approx(0.0, abs=1e-3) and per["max"] == pytest.approx(90.0)

@@ -349,3 +349,68 @@ def test_distance(gpt2):
     u = torch.tensor([3.0, 4.0])
     assert distance({"x": t, "y": t}, {"x": u, "y": u}) == pytest.approx(5.0)
     assert distance(a, b) == pytest.approx(distance(b, a))
+
+
+# ------------------------------------------------------------------------ the fused one-pass merge (merge_pass)
+from warp_dist import merging  # noqa: E402
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape,chunk", [((7,), 4), ((300, 257), 1000), ((64, 64), 1 << 16)])
+def test_merge_pass_equals_the_reference_merge(M, shape, chunk):
+    init = _rand(*shape, seed=60)
+    policies = [init + 0.01 * _rand(*shape, seed=61 + m) for m in range(M)]
+    slerp_t, nxt, gram = merging.merge_pass(init, policies, 0.4, 0.3, chunk=chunk)
+    ref_s, ref_n = merging.merge_tensor_reference(init, policies, 0.4, 0.3)
+    torch.testing.assert_close(slerp_t, ref_s, rtol=0, atol=5e-7)  # one fp32 ulp of |init| ~ 4: the same math
+    torch.testing.assert_close(nxt, ref_n, rtol=0, atol=5e-7)
+    assert slerp_t.shape == init.shape and slerp_t.dtype == init.dtype
+    # the Gram matrix is the two-pass one: <d_i, d_j> in fp64 over the whole tensor
+    ds = [(p.double() - init.double()).flatten() for p in policies]
+    two_pass = torch.tensor([[float(a @ b) for b in ds] for a in ds], dtype=torch.float64)
+    torch.testing.assert_close(gram[:M, :M], two_pass, rtol=1e-6, atol=1e-9)
+    assert gram[M].abs().max().item() == 0.0  # no sft given: init - sft is 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_pass_low_precision_matches_the_reference(dtype):
+    init = _rand(40, 40, seed=70, dtype=dtype)
+    policies = [(init.float() + 0.1 * _rand(40, 40, seed=71 + m)).to(dtype) for m in range(2)]
+    s, n, _ = merging.merge_pass(init, policies, 0.5, 0.5, chunk=300)
+    rs, rn = merging.merge_tensor_reference(init, policies, 0.5, 0.5)
+    assert s.dtype == dtype and n.dtype == dtype
+    assert (s.float() - rs.float()).abs().max().item() <= 0.02 and (n.float() - rn.float()).abs().max().item() <= 0.02
+
+
+def test_slerp_coefficients_by_hand():
+    # orthogonal unit vectors, lambda 0.5: sin(pi/4) / sin(pi/2) = 1/sqrt(2) each
+    c = merging.slerp_coefficients(torch.eye(2, dtype=torch.float64), 0.5)
+    assert c == pytest.approx([2**-0.5, 2**-0.5])
+    # colinear (sin Omega = 0) and zero-norm vectors fall back to linear interpolation
+    assert merging.slerp_coefficients(torch.tensor([[1.0, 2.0], [2.0, 4.0]]), 0.3) == pytest.approx([0.7, 0.3])
+    assert merging.slerp_coefficients(torch.tensor([[0.0, 0.0], [0.0, 1.0]]), 0.3) == pytest.approx([0.7, 0.3])
+    assert merging.slerp_coefficients(torch.tensor([[3.0]]), 0.5) == [1.0]
+    # M = 3 folds with 1/m: the same vector as slerp_many on the tensors
+    ds = [_rand(50, seed=80 + i) for i in range(3)]
+    g = torch.tensor([[float(a.double() @ b.double()) for b in ds] for a in ds], dtype=torch.float64)
+    c = merging.slerp_coefficients(g, 0.5)
+    torch.testing.assert_close(sum(ci * d for ci, d in zip(c, ds, strict=True)), slerp_many(ds), rtol=0, atol=1e-5)
+
+
+def test_merge_pass_diagnostics_and_non_finite_inputs():
+    init, sft = _rand(30, seed=90), _rand(30, seed=91)
+    policies = [init + _rand(30, seed=92), init + _rand(30, seed=93)]
+    s, n, gram = merging.merge_pass(init, policies, 0.5, 0.25, sft=sft, chunk=7)
+    c = merging.slerp_coefficients(gram[:2, :2], 0.5)
+    d = merging.gram_diagnostics(gram, c, 0.25)
+    assert math.sqrt(d["slerp_distance_to_sft"]) == pytest.approx((s - sft).norm().item(), rel=1e-5)
+    assert math.sqrt(d["slerp_distance_to_init"]) == pytest.approx((s - init).norm().item(), rel=1e-5)
+    assert math.sqrt(d["init_moved"]) == pytest.approx((n - init).norm().item(), rel=1e-5)
+    bad = policies[1].clone()
+    bad[3] = float("nan")
+    _, _, g = merging.merge_pass(init, [policies[0], bad], 0.5, 0.25)
+    assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
+    bad_init = init.clone()
+    bad_init[0] = float("inf")
+    _, _, g = merging.merge_pass(bad_init, policies, 0.5, 0.25)
+    assert not bool(torch.isfinite(g).all())

@@ -196,11 +196,13 @@ def gather_full_at_zero(d: Dist, part: torch.Tensor, numel: int, shape: tuple[in
     if d.group_size == 1:
         return part.float().view(shape) if d.is_main else None
     t = d.comm_tensor(part.float().contiguous())
-    parts = [torch.empty_like(t) for _ in range(d.group_size)] if d.is_main else None
-    tdist.gather(t, parts, dst=0, group=d.groups[0])
     if not d.is_main:
+        tdist.gather(t, None, dst=0, group=d.groups[0])
         return None
-    return torch.cat([p.cpu() for p in parts])[:numel].view(shape)
+    # the slices land in the rows of one buffer: the full tensor is a view of it (no concatenated copy)
+    flat = torch.empty(d.group_size, t.numel(), dtype=t.dtype, device=t.device)
+    tdist.gather(t, list(flat.unbind(0)), dst=0, group=d.groups[0])
+    return flat.view(-1)[:numel].cpu().view(shape)
 
 
 def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], init_part: Callable[[str], torch.Tensor],
@@ -211,8 +213,9 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
     For each name: rank 0 assembles theta_init (`init_part(name)` is this rank's flat slice; group 0's slices are
     gathered) and receives every policy's tensor from the leader of the group that trained it (`sources[m](name)`,
     called on leaders only; receiving the next tensor overlaps merging this one), computes
-    `merge_fn(init, policies) -> (theta_slerp, next_init)`, calls `on_main(name, init, slerp, next_init, policies)`
-    (files, diagnostics), and broadcasts theta_slerp (one broadcast per tensor). Every rank then gets `on_slerp(name, full)`
+    `merge_fn(name, init, policies) -> (theta_slerp, next_init, info)`, calls
+    `on_main(name, init, slerp, next_init, policies, info)` (files, diagnostics), and broadcasts theta_slerp (one
+    broadcast per tensor). Every rank then gets `on_slerp(name, full)`
     to update its own slices (its theta_init -> LITI, its policy module -> theta_slerp). Rank 0's extra memory is the
     M received tensors, the gathered theta_init and the outputs of one parameter (plus one tensor in flight).
     """
@@ -253,9 +256,9 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
                     w.wait()
                 local.update({m: b.to("cpu") for m, b in bufs.items()})
             policies = [local[m] for m in range(M)]
-            slerp, nxt = merge_fn(init_full, policies)
+            slerp, nxt, info = merge_fn(name, init_full, policies)
             if on_main is not None:
-                on_main(name, init_full, slerp, nxt, policies)
+                on_main(name, init_full, slerp, nxt, policies, info)
             del policies, local, nxt
             out = slerp.to(torch.float32).contiguous()
         else:

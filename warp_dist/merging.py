@@ -55,19 +55,133 @@ def liti(init: torch.Tensor, target: torch.Tensor, eta: float) -> torch.Tensor:
     return torch.lerp(init.float(), target.float(), eta).to(init.dtype)
 
 
+CHUNK = 1 << 16  # elements per chunk of the fused merge: its temporaries (a few x 256 KB) stay in the CPU's cache
+
+
+def slerp_coefficients(gram, lam: float) -> list[float]:
+    """Coefficients c of the merged task vector sum_i c_i d_i, from the M x M Gram matrix of the task vectors.
+
+    The same SLERP as `slerp_many`, done on the coefficients instead of the tensors: M = 2 -> slerp(d1, d2, lam);
+    M > 2 -> fold d_m in with lambda = 1/m, where the running vector acc = sum_i a_i d_i has |acc|^2 = a^T G a and
+    <acc, d_m> = (G a)_m; linear interpolation when a norm is ~0 or sin(Omega) < EPS. Exact up to fp64 rounding.
+    """
+    g = [[float(x) for x in row] for row in (gram.tolist() if hasattr(gram, "tolist") else gram)]
+    m = len(g)
+    if m == 0:
+        raise ValueError("slerp_coefficients needs at least one task vector")
+    acc = [1.0] + [0.0] * (m - 1)
+    for j in range(1, m):
+        t = lam if m == 2 else 1.0 / (j + 1)
+        aa = sum(acc[i] * acc[k] * g[i][k] for i in range(m) for k in range(m))
+        ab = sum(acc[i] * g[i][j] for i in range(m))
+        na, nb = math.sqrt(max(aa, 0.0)), math.sqrt(max(g[j][j], 0.0))
+        w1, w2 = 1 - t, t
+        if na >= 1e-12 and nb >= 1e-12:
+            omega = math.acos(max(-1.0, min(1.0, ab / (na * nb))))
+            s = math.sin(omega)
+            if s >= EPS:
+                w1, w2 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+        acc = [w1 * a for a in acc]
+        acc[j] += w2
+    return acc
+
+
+def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float,
+               sft: torch.Tensor | None = None, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tensor of the WARP merge at memory speed: returns (theta_slerp, next theta_init, gram).
+
+    Pass 1 reads init and the M policies once, chunk by chunk, forming each task vector d_i = p_i - init once (fp32)
+    and accumulating in fp64 the Gram matrix of the rows [d_1 .. d_M, init - sft] ([M + 1, M + 1]; with sft None the
+    last row is 0 and costs nothing). Pass 2 reads them again and writes both outputs: theta_slerp = init +
+    sum_i c_i d_i (c from `slerp_coefficients`; fp32 arithmetic) and next = lerp(init, theta_slerp, eta), the same
+    op every rank applies to its own slices. The Gram matrix carries every diagnostic (task-vector norms and angles,
+    |theta_slerp - sft|, how far theta_init moves) and the finiteness of every input: a NaN/inf in a policy or in
+    init makes a diagonal entry non-finite. Temporaries: a few chunks; no whole fp32 task vector and no fp64 copy of
+    a tensor. Outputs in init's dtype.
+    """
+    M = len(policies)
+    if not init.is_floating_point():
+        return init, init, torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    x = init.reshape(-1)
+    ps = [p.reshape(-1) for p in policies]
+    f = sft.reshape(-1) if sft is not None else None
+    n = x.numel()
+    c = min(chunk, max(n, 1))
+    k = M + (1 if f is not None else 0)  # rows actually formed
+    rows = torch.zeros(k, c, dtype=torch.float32)
+    rows64 = torch.empty(k, c, dtype=torch.float64)
+    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    for a in range(0, n, c):
+        b = min(a + c, n)
+        w = b - a
+        base = x[a:b].float()
+        for i, p in enumerate(ps):
+            torch.sub(p[a:b], base, out=rows[i, :w])
+        if f is not None:
+            torch.sub(base, f[a:b], out=rows[M, :w])
+        if w < c:
+            rows[:, w:].zero_()
+        rows64.copy_(rows)
+        gram[:k, :k].addmm_(rows64, rows64.T)
+    coef = slerp_coefficients(gram[:M, :M], lam)
+    out = torch.empty_like(x)
+    nxt = torch.empty_like(x)
+    acc, tmp = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
+    same = x.dtype == torch.float32
+    for a in range(0, n, c):
+        b = min(a + c, n)
+        w = b - a
+        base = x[a:b] if same else x[a:b].float()
+        av, tv = acc[:w], tmp[:w]
+        torch.sub(ps[0][a:b], base, out=tv)
+        torch.mul(tv, coef[0], out=av)
+        for i in range(1, M):
+            torch.sub(ps[i][a:b], base, out=tv)
+            av.add_(tv, alpha=coef[i])
+        if same:
+            torch.add(base, av, out=out[a:b])
+            torch.lerp(base, out[a:b], eta, out=nxt[a:b])
+        else:
+            torch.add(base, av, out=tv)
+            out[a:b].copy_(tv)
+            torch.lerp(base, tv, eta, out=av)
+            nxt[a:b].copy_(av)
+    return out.view_as(init), nxt.view_as(init), gram
+
+
 def merge_tensor(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tensor of the WARP merge: returns (theta_slerp, next theta_init).
+    """One tensor of the WARP merge: returns (theta_slerp, next theta_init) (`merge_pass` without its Gram matrix).
 
     theta_slerp = init + slerp_many(policies - init); next init = liti(init, theta_slerp, eta).
     Non-float tensors come back unchanged (both outputs are `init`).
     """
     if not init.is_floating_point():
         return init, init
+    merged, nxt, _ = merge_pass(init, policies, lam, eta)
+    return merged, nxt
+
+
+def merge_tensor_reference(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge written plainly on whole tensors (task vectors, `slerp_many`, `liti`): what `merge_pass` must equal."""
+    if not init.is_floating_point():
+        return init, init
     base = init.float()
     delta = slerp_many([p.float() - base for p in policies], lam)
     merged = base + delta
     return merged.to(init.dtype), liti(base, merged, eta).to(init.dtype)
+
+
+def gram_diagnostics(gram: torch.Tensor, coef: list[float], eta: float) -> dict:
+    """What one tensor's `merge_pass` Gram matrix says: squared distances |theta_slerp - init|^2 = c^T G c,
+    |next - init|^2 = eta^2 c^T G c and |theta_slerp - sft|^2 = |init - sft|^2 + 2 c . <init - sft, d> + c^T G c."""
+    M = len(coef)
+    cv = torch.tensor(coef, dtype=torch.float64)
+    g = gram[:M, :M]
+    moved = float(cv @ g @ cv)
+    to_sft = float(gram[M, M] + 2 * (cv @ gram[M, :M]) + moved)
+    return {"slerp_distance_to_init": moved, "init_moved": eta * eta * moved, "slerp_distance_to_sft": max(to_sft, 0.0)}
 
 
 def storage_key(v: torch.Tensor) -> tuple:

@@ -337,16 +337,22 @@ class Warp:
             writers = [StreamWriter(blobs / f"iter{iteration}_slerp.safetensors", specs), StreamWriter(full_init, specs)]
         mine = None if own_is_full else StreamWriter(own_init, self.init.parts_specs())
 
-        def on_main(name, init, slerp, nxt, policies):
-            for m, t in enumerate(policies):
-                check_finite(t, f"policy {m} tensor {name}", where(iteration, phase="merge"))
-            check_finite(slerp, f"merged tensor {name}", where(iteration, phase="merge"))
-            stats.add(init, policies, slerp, nxt, self.sft.full(name))
+        def on_main(name, init, slerp, nxt, policies, gram):
+            if not bool(torch.isfinite(gram).all()):  # a NaN/inf in a policy or in theta_init: name it
+                for m, t in enumerate(policies):
+                    check_finite(t, f"policy {m} tensor {name}", where(iteration, phase="merge"))
+                check_finite(init, f"theta_init tensor {name}", where(iteration, phase="merge"))
+            check_finite(torch.tensor(merging.slerp_coefficients(gram[:-1, :-1], cfg.merge.lam)),
+                         f"merge coefficients of {name}", where(iteration, phase="merge"))
+            stats.add(init.numel(), gram, cfg.merge.lam, cfg.merge.eta)
             writers[0].add(name, slerp)
             writers[1].add(name, nxt)
 
-        def merge_fn(init_full, policies):
-            return merging.merge_tensor(init_full, policies, cfg.merge.lam, cfg.merge.eta)
+        first = iteration == 1  # theta_init is the SFT model: |theta_slerp - sft| needs no second read
+
+        def merge_fn(name, init_full, policies):
+            sft = None if first else self.sft.full(name)
+            return merging.merge_pass(init_full, policies, cfg.merge.lam, cfg.merge.eta, sft=sft)
 
         half = w.names[len(w.names) // 2]
 
@@ -717,46 +723,29 @@ def largest_layer(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
 
 # -------------------------------------------------------------------- diagnostics and printing
 class MergeDiagnostics:
-    """Accumulated on rank 0 during the merge, tensor by tensor: the task vectors' Gram matrix (whole-model norms
-    and angles), the per-tensor angles SLERP actually used (size-weighted min / median / max), and distances.
-    Everything is accumulated in fp64 over chunks, so no tensor is ever copied whole to fp64."""
-
-    CHUNK = 1 << 20
+    """Accumulated on rank 0 during the merge, tensor by tensor, from each tensor's `merging.merge_pass` Gram matrix
+    (no extra pass over the weights): the task vectors' whole-model Gram matrix (norms and angles), the per-tensor
+    angles SLERP actually used (size-weighted min / median / max), and how far theta_init and theta_slerp moved."""
 
     def __init__(self, num_policies: int):
+        self.M = num_policies
         self.dots = torch.zeros(num_policies, num_policies, dtype=torch.float64)
         self.tensor_angles: dict[str, list[tuple[float, int]]] = {}
         self.sq = {"init_moved": 0.0, "slerp_distance_to_init": 0.0, "slerp_distance_to_sft": 0.0}
 
-    def add(self, init, policies, slerp, nxt, sft) -> None:
-        M = len(policies)
-        g = torch.zeros(M, M, dtype=torch.float64)
-        flat = [p.reshape(-1) for p in policies]
-        i0, s0, n0, f0 = init.reshape(-1), slerp.reshape(-1), nxt.reshape(-1), sft.reshape(-1)
-        sq = dict.fromkeys(self.sq, 0.0)
-        for a in range(0, i0.numel(), self.CHUNK):
-            base = i0[a:a + self.CHUNK].double()
-            ds = [f[a:a + self.CHUNK].double() - base for f in flat]
-            for i in range(M):
-                for j in range(i, M):
-                    v = torch.dot(ds[i], ds[j]).item()
-                    g[i, j] += v
-                    if i != j:
-                        g[j, i] += v
-            s = s0[a:a + self.CHUNK].double()
-            sq["init_moved"] += (n0[a:a + self.CHUNK].double() - base).pow(2).sum().item()
-            sq["slerp_distance_to_init"] += (s - base).pow(2).sum().item()
-            sq["slerp_distance_to_sft"] += (s - f0[a:a + self.CHUNK].double()).pow(2).sum().item()
+    def add(self, numel: int, gram: torch.Tensor, lam: float, eta: float) -> None:
+        """One tensor: `gram` is merge_pass's [M + 1, M + 1] Gram matrix of [task vectors..., init - sft]."""
+        M = self.M
+        g = gram[:M, :M]
         self.dots += g
-        for k, v in sq.items():
+        for k, v in merging.gram_diagnostics(gram, merging.slerp_coefficients(g, lam), eta).items():
             self.sq[k] += v
-        n = init.numel()
         for i in range(M):
             for j in range(i + 1, M):
                 denom = math.sqrt(max(g[i, i].item(), 0.0) * max(g[j, j].item(), 0.0))
                 if denom > 0:
                     ang = math.degrees(math.acos(max(-1.0, min(1.0, g[i, j].item() / denom))))
-                    self.tensor_angles.setdefault(f"{i}-{j}", []).append((ang, n))
+                    self.tensor_angles.setdefault(f"{i}-{j}", []).append((ang, numel))
 
     def summary(self) -> dict:
         out = merging.stats_from_dots(self.dots)
