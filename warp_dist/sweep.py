@@ -111,14 +111,17 @@ def plan(config: str | Path, grid: list[tuple[str, list[str]]], out: str | Path,
             raise ConfigError(f"{k} is both a --grid key and an override: give it in one place")
         if k in FIXED_KEYS:
             raise ConfigError(f"override {ov!r}: the sweep sets {k} itself (one folder per point under --out)")
+    load_config(config, [*overrides, *fixed])  # the preset and the plain overrides alone (their errors unprefixed)
     points, names = [], set()
     for combo in itertools.product(*(v for _, v in axes)):
         sets = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
         try:
             cfg = load_config(config, [*overrides, *fixed, *sets])
         except ConfigError as exc:
-            bad = next((s for s in sets if s.split("=", 1)[0] in str(exc)), None)
-            raise ConfigError(f"--grid {bad}: {exc}" if bad else str(exc)) from None
+            msg = str(exc)
+            bad = next((s for s, k in zip(sets, keys, strict=True)
+                        if msg.startswith((f"{k}=", f"{k}:")) or f"'{k}'" in msg), None)
+            raise ConfigError(f"--grid {bad}: {msg}" if bad else msg) from None
         values = {k: _get(cfg, k) for k in keys}
         name = point_name(values)
         if name in names:
