@@ -108,7 +108,11 @@ class Tracking:
             else:
                 t = WandBTracker("warp_dist", name=self.out.name, dir=str(self.out))
             t.main_process_only = False  # this object only exists on rank 0: no Accelerate state is consulted
-            t.start()
+            try:
+                t.start()
+            except ImportError as exc:  # preflight checks this; a direct caller gets the same one line
+                raise RuntimeError(f"log_with={','.join(self.kinds)}: {kind} cannot be imported ({exc}); pip install "
+                                   f"{kind}, or log_with=none") from None
             self.trackers.append(t)
         self.started = True
         if self.config_text:
