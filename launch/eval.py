@@ -7,7 +7,9 @@ Every model goes through the trainer's own sharded evaluation (`Warp.evaluate_st
 sampled with eval.seed + k) on the run's held-out prompts, so the numbers do not depend on the number of ranks and
 the eta = 0 / eta = 1 ends of the front reproduce the SFT / final rows exactly. Overrides apply on top of the run's
 config.yaml (e.g. eval.batch_size=64 data.num_eval_prompts=256 rollout.backend=hf). Rank 0 writes
-<run>/report/eval.json (a list of rows: name, kind, iteration, policy, eta, beta, folder + the metrics) and
+<run>/report/eval.json (a list of rows: name, kind, iteration, policy, eta, beta, folder + the metrics, with 95 %
+intervals, the judge's score and distinct-n, + per_prompt: {reward, kl, judge} lists in prompt order, which the
+report's paired bootstrap differences resample) and
 <run>/report/samples.json (SFT vs final continuations of the first eval prompts), then, unless --no-report,
 report.md, report.html, pareto.png and training.png (warp_dist.report). Assumes a filesystem every rank can read.
 """
@@ -101,9 +103,13 @@ def check_inputs(args, run: Path):
     return cfg, grid, baselines
 
 
-def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=None, beta=None, folder=None) -> dict:
-    return {"name": name, "kind": kind, "iteration": iteration, "policy": policy, "eta": eta, "beta": beta,
-            "folder": folder, **metrics}
+def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=None, beta=None, folder=None,
+        per_prompt: dict | None = None) -> dict:
+    out = {"name": name, "kind": kind, "iteration": iteration, "policy": policy, "eta": eta, "beta": beta,
+           "folder": folder, **metrics}
+    if per_prompt is not None:
+        out["per_prompt"] = per_prompt
+    return out
 
 
 def main(argv=None) -> int:
@@ -152,7 +158,7 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
 
         def add(name, kind, state, sft_res, **extra):
             res = w.evaluate_state(state, sft_res)
-            rows.append(row(name, kind, res.metrics, **extra))
+            rows.append(row(name, kind, res.metrics, per_prompt=res.per_prompt(), **extra))
             w.log(fmt_metrics(name, res.metrics))
             return res
 

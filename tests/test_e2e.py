@@ -24,8 +24,13 @@ def test_tiny_run_writes_metrics_summary_and_loadable_model(tmp_path, tiny_model
     assert {(r["iteration"], r["policy"]) for r in train} == {(1, 0), (1, 1), (2, 0), (2, 1)}
     assert [r["iteration"] for r in recs if r["kind"] == "merge"] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "num_prompts"):
+    for key in ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "num_prompts", "reward_ci_low",
+                "reward_ci_high", "kl_ci_low", "kl_ci_high", "judge", "judge_mean", "distinct_1", "distinct_2"):
         assert key in summary["sft"] and key in summary["final"]
+    assert summary["final"]["judge"] == "none"  # VADER reward and no eval.judge_classifier: no independent judge
+    assert len(summary["per_prompt"]["final"]["reward"]) == summary["final"]["num_prompts"]
+    assert "reward" in summary["final_vs_sft"] and "WARP - SFT, paired bootstrap" in proc.stdout
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # log_with: tensorboard by default
     assert summary["final"]["identical_fraction"] < 1.0
     assert (out / "config.yaml").exists()
     for d in ("init", "policy_0", "policy_1", "merged"):

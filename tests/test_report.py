@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import BIN, ROOT, free_port, subprocess_env
 
 KEYS = ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "length_mean", "num_prompts")
+CI_KEYS = ("reward_ci_low", "reward_ci_high", "kl_ci_low", "kl_ci_high", "judge", "judge_mean", "distinct_1",
+           "distinct_2")
 TINY_BASELINE = ["model.name=embedded:tiny-gpt2", "rollout.backend=hf", "train.steps=3", "train.batch_size=8",
                  "train.lr=1e-3", "data.num_train_prompts=64", "data.num_eval_prompts=16", "data.prompt_min_tokens=4",
                  "eval.batch_size=8", "rollout.max_new_tokens=12", "progress=false"]
@@ -77,8 +79,13 @@ def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
 def test_eval_rows_cover_policies_merges_fronts_and_baseline(finished):
     _, rows = finished
     for r in rows:
-        assert {"name", "kind", "iteration", "policy", "eta", "beta", *KEYS} <= r.keys(), r["name"]
+        assert {"name", "kind", "iteration", "policy", "eta", "beta", *KEYS, *CI_KEYS} <= r.keys(), r["name"]
         assert r["kind"] in ("sft", "policy", "merged", "front", "final", "baseline")
+        assert r["reward_ci_low"] <= r["reward_mean"] <= r["reward_ci_high"]
+        assert r["judge"] == "none" and r["judge_mean"] is None  # tiny.yaml: VADER reward, no judge classifier
+        pp = r["per_prompt"]
+        assert len(pp["reward"]) == len(pp["kl"]) == r["num_prompts"] and pp["judge"] is None
+        assert sum(pp["reward"]) / r["num_prompts"] == pytest.approx(r["reward_mean"])
     kinds = [r["kind"] for r in rows]
     assert kinds.count("sft") == 1 and kinds.count("final") == 1 and kinds.count("baseline") == 1
     pols = [(r["iteration"], r["policy"]) for r in rows if r["kind"] == "policy"]
@@ -117,6 +124,15 @@ def test_report_files_are_real(finished):
     assert "(pareto.png)" in md and "(training.png)" in md
     assert "| sft | sft |" in md and "| final | final |" in md and "beta_0.05 (REINFORCE beta=0.05)" in md
     assert "## Merging vs its members" in md and "SFT continuation" in md
+    # paired differences: final - SFT, every merge - each member, the front at matched KL - the baseline
+    assert "## Paired differences" in md and "| WARP final - SFT | reward |" in md
+    assert "| iter 1 merged - iter 1 policy_0 | reward |" in md and "matched KL" in md
+    paired = json.loads((out / "paired.json").read_text())
+    assert {(d["comparison"].split(" - ")[0], d["metric"]) for d in paired} >= {("WARP final", "reward"),
+                                                                               ("WARP final", "kl")}
+    assert len([d for d in paired if d["metric"] == "reward"]) == 1 + 2 * 2 + 1  # final, 2 merges x 2, baseline
+    assert all(d["low"] <= d["diff"] <= d["high"] and d["resamples"] == 2000 for d in paired)
+    assert "reward [95% CI]" in md and "distinct-2" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and page.count("<table>") >= 4
     assert "src='pareto.png'" not in page  # self-contained
@@ -138,6 +154,9 @@ def test_report_builds_from_rows_alone(tmp_path):
                **m, "reward_mean": e / 2, "kl_mean": 2 * e * e} for e in (0.0, 0.5, 1.0)],
             {"name": "b (REINFORCE beta=0.2)", "kind": "baseline", "iteration": None, "policy": None, "eta": None,
              "beta": 0.2, **m, "reward_mean": 0.3, "kl_mean": 1.5}]
+    for r in rows:  # per-prompt values (4 prompts): every model = SFT + its mean, KL as given
+        r["per_prompt"] = {"reward": [r["reward_mean"] + d for d in (-0.25, 0.25, -0.5, 0.5)],
+                           "kl": [r["kl_mean"]] * 4, "judge": None}
     (out / "eval.json").write_text(json.dumps(rows))
     recs = [{"kind": "train", "iteration": 1, "policy": 0, "step": s, "rank": k, "reward_mean": float(k),
              "kl_to_ema": 0.1 * s} for s in (1, 2, 3) for k in (0, 1)]
@@ -150,6 +169,13 @@ def test_report_builds_from_rows_alone(tmp_path):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "A \\| B" in md and "+0.800" in md and "## Merging vs its members" not in md
+    paired = {(d["comparison"], d["metric"]): d for d in json.loads((out / "paired.json").read_text())}
+    d = paired[("WARP final - SFT", "reward")]  # a constant per-prompt difference: a zero-width interval at it
+    assert d["diff"] == d["low"] == d["high"] == 0.5 and d["excludes_zero"]
+    # the baseline (KL 1.5) meets the front point whose KL is nearest: eta = 1 (KL 2.0), not eta = 0.5 (KL 0.5)
+    d = paired[("front eta=1 - b (REINFORCE beta=0.2)", "reward")]
+    assert d["diff"] == pytest.approx(0.2) and "matched KL" in d["note"]
+    assert "| WARP final - SFT | reward | +0.500 | [+0.500, +0.500] | yes |" in md
     assert "<td>A | B</td>" in (out / "report.html").read_text()
 
 

@@ -35,12 +35,19 @@ def train_records(out):
     return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in recs if r["kind"] == "train"]
 
 
+def tb_steps(out):
+    from tests.test_tracking import tb_scalars
+
+    return {tag: [s for s, _ in pts] for tag, pts in tb_scalars(out / "tb").items()}
+
+
 def assert_same_run(ref, out):
     assert (out / "final" / "model.safetensors").read_bytes() == (ref / "final" / "model.safetensors").read_bytes()
     a, b = train_records(ref), train_records(out)
     assert len(b) == len(a) == 2 * 2 * 3
     assert b == a  # no step missing, none twice, every value the same
     assert not (out / "state").exists()  # a finished run keeps no resumable state
+    assert tb_steps(out) == tb_steps(ref)  # TensorBoard rebuilt on resume: every point once
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A bad config value or key; the message is one line naming the field."""
 
 
+TRACKERS = ("tensorboard", "wandb")  # log_with choices (besides none)
+
+
 @dataclass
 class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
@@ -102,6 +105,11 @@ class EvalConfig:
     seed: int = 1234  # sampling seed shared by the SFT and the evaluated model
     num_samples_shown: int = 3
     every_iteration: bool = True  # evaluate theta_slerp after every iteration (not only at the end)
+    # The second judge (warp_dist.judge): an independent score of the same texts, so reward hacking shows as a gap.
+    # auto = VADER for a classifier / callable reward; for a VADER reward eval.judge_classifier when set, else none
+    # | vader | none | a sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
+    judge: str = "auto"
+    judge_classifier: str = ""  # classifier (folder / hub id, id2label {0: NEGATIVE, 1: POSITIVE}) auto uses with VADER
 
 
 @dataclass
@@ -120,6 +128,9 @@ class WarpConfig:
     checkpoint_every: int = 0  # also checkpoint every this many optimizer steps; 0 = only at phase boundaries
     keep_checkpoints: int = 2  # the newest K complete checkpoints are kept, older ones removed
     save_dtype: str = ""  # dtype of saved model folders (final/, iter_<i>/): "" = model.dtype | float32 | bfloat16 | float16
+    # where train / merge / eval records also go (rank 0, through Accelerate's trackers): tensorboard (<output_dir>/tb/)
+    # | wandb | tensorboard,wandb | none. metrics.jsonl is written in every case.
+    log_with: str = "tensorboard"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -271,6 +282,17 @@ def validate(c: WarpConfig) -> None:
            ro.vllm.kv_cache_space_gb)
     _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
     _check(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
+    from .judge import CHOICES, JudgeConfigError, resolve_judge
+
+    _check(e.judge.strip() != "", "eval.judge", f"{' | '.join(CHOICES)} | a sequence-classifier folder or hub id",
+           e.judge)
+    try:
+        resolve_judge(r, e)
+    except JudgeConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    trackers = [x.strip() for x in c.log_with.split(",")]
+    _check(c.log_with.strip() == "none" or (all(x in TRACKERS for x in trackers) and len(set(trackers)) == len(trackers)),
+           "log_with", "tensorboard | wandb | tensorboard,wandb | none", c.log_with)
     _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
     _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
     if c.resume and c.overwrite:

@@ -4,6 +4,13 @@ KL is the mean over prompts of sum_t (log pi(y_t) - log pi_sft(y_t)) for y ~ pi 
 sequence-level KL, both log-probs under the sampling distribution). `identical_fraction` compares each completion
 with the SFT model's completion sampled with the same seed: with equal weights it is exactly 1.
 
+Every result also carries (see warp_dist.stats for what the intervals mean):
+- reward_ci_low / reward_ci_high, kl_ci_low / kl_ci_high: 95 % Student-t intervals of the means over prompts;
+- judge ("vader" | "classifier:<id>" | "none"), judge_mean, judge_std, judge_ci_low, judge_ci_high: the independent
+  judge's score of the same texts (warp_dist.judge; null when there is no judge);
+- distinct_1, distinct_2: unique / total token n-grams over all completions (n-grams never cross completions);
+- per prompt (EvalResult: rewards, kls, judges, in prompt order), for paired comparisons between models.
+
 The trainer (`Warp.evaluate_state`) samples and scores: prompt i is sampled with its own seed (eval.seed, i), batches
 are spread over the ranks, and `summarize` puts every rank's records back in prompt order, so the numbers do not depend
 on how many ranks share the work.
@@ -15,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .stats import distinct_n, mean_ci
+
 
 @dataclass
 class EvalResult:
@@ -22,14 +31,39 @@ class EvalResult:
     completions: list[list[int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    judges: list[float] | None = None  # None: no judge
+
+    def per_prompt(self) -> dict:
+        """Per-prompt values in prompt order (what paired bootstraps resample): reward, kl, judge (or None)."""
+        return {"reward": list(self.rewards), "kl": list(self.kls),
+                "judge": None if self.judges is None else list(self.judges)}
 
 
-def summarize(records: list[dict], rank_times: list[dict], sft_completions: list[list[int]] | None) -> EvalResult:
-    """Metrics over all prompts (records from every rank) + throughput overall and per rank."""
+def interval_metrics(prefix: str, values: list[float]) -> dict:
+    """<prefix>_ci_low / <prefix>_ci_high: the 95 % t-interval of the mean of `values`."""
+    _, lo, hi = mean_ci(values)
+    return {f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi}
+
+
+def judge_metrics(judge: str, values: list[float] | None) -> dict:
+    if values is None:
+        return {"judge": judge, "judge_mean": None, "judge_std": None, "judge_ci_low": None, "judge_ci_high": None}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"judge": judge, "judge_mean": t.mean().item(), "judge_std": t.std(unbiased=False).item(),
+            **interval_metrics("judge", values)}
+
+
+def summarize(records: list[dict], rank_times: list[dict], sft_completions: list[list[int]] | None,
+              judge: str = "none") -> EvalResult:
+    """Metrics over all prompts (records from every rank) + throughput overall and per rank. `judge`: the judge's
+    name; records carry its per-prompt score as "judge" (None without one)."""
     records = sorted(records, key=lambda r: r["index"])
     n = len(records)
     comps = [r["completion"] for r in records]
-    rt = torch.tensor([r["reward"] for r in records], dtype=torch.float64)
+    rewards, kls = [r["reward"] for r in records], [r["kl"] for r in records]
+    judges = [r["judge"] for r in records] if records and all(r.get("judge") is not None for r in records) else None
+    rt = torch.tensor(rewards, dtype=torch.float64)
     if sft_completions is None:
         ident = float("nan")
     else:
@@ -37,13 +71,15 @@ def summarize(records: list[dict], rank_times: list[dict], sft_completions: list
     gen_wall = max(t["generate"] for t in rank_times)
     tokens = sum(t["tokens"] for t in rank_times)
     metrics = {
-        "reward_mean": rt.mean().item(), "reward_std": rt.std(unbiased=False).item(),
-        "kl_mean": sum(r["kl"] for r in records) / n, "identical_fraction": ident, "num_prompts": n,
-        "length_mean": sum(r["length"] for r in records) / n, "num_tokens": tokens,
+        "reward_mean": rt.mean().item(), "reward_std": rt.std(unbiased=False).item(), **interval_metrics("reward", rewards),
+        "kl_mean": sum(kls) / n, **interval_metrics("kl", kls), **judge_metrics(judge, judges),
+        "identical_fraction": ident, "num_prompts": n,
+        "length_mean": sum(r["length"] for r in records) / n, "distinct_1": distinct_n(comps, 1),
+        "distinct_2": distinct_n(comps, 2), "num_tokens": tokens,
         "time_generate_s": gen_wall, "time_score_s": max(t["score"] for t in rank_times),
         "time_kl_s": max(t["kl"] for t in rank_times),
         "tokens_per_s": tokens / max(gen_wall, 1e-9),
         "tokens_per_s_per_rank": [t["tokens"] / max(t["generate"], 1e-9) for t in rank_times],
         "num_ranks": len(rank_times),
     }
-    return EvalResult(metrics, comps, [r["text"] for r in records], [r["reward"] for r in records])
+    return EvalResult(metrics, comps, [r["text"] for r in records], rewards, kls, judges)

@@ -4,9 +4,10 @@
 
 What is checked, cheapest first: the rank topology and batch split; output_dir (a folder, writable) and, on rank 0,
 whether it may hold this run (runner.check_run_dir); the DeepSpeed JSON; the rollout backend; the reward (VADER
-installed, classifier loadable, callable importable); the model (local folder with config.json, embedded name, or a
-hub id resolvable now: from the hub cache, or by one metadata request with no retries); the free disk against
-`estimate_run_bytes` (parameters counted on the meta device: no weights are read).
+installed, classifier loadable, callable importable); the evaluation judge (eval.judge); the trackers of log_with;
+the model (local folder with config.json, embedded name, or a hub id resolvable now: from the hub cache, or by one
+metadata request with no retries); the free disk against `estimate_run_bytes` (parameters counted on the meta
+device: no weights are read).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_rollout(cfg)
     check_data(cfg)
     check_reward(cfg)
+    check_judge(cfg)
+    check_trackers(cfg)
     num_params = check_model(cfg)
     check_disk(cfg, num_params, world_size)
 
@@ -59,6 +62,7 @@ def check_eval(cfg: WarpConfig) -> None:
     check_rollout(cfg)
     check_data(cfg)
     check_reward(cfg)
+    check_judge(cfg)
     check_model(cfg)
 
 
@@ -159,6 +163,35 @@ def check_reward(cfg: WarpConfig) -> None:
             load_callable(r.callable)
         except ValueError as exc:
             raise PreflightError(str(exc)) from None
+
+
+def check_judge(cfg: WarpConfig) -> None:
+    """The evaluation judge (warp_dist.judge): VADER installed, or the classifier's config loadable (no weights)."""
+    from .judge import resolve_judge
+
+    kind, name = resolve_judge(cfg.reward, cfg.eval)
+    key = "eval.judge_classifier" if cfg.eval.judge == "auto" else "eval.judge"
+    if kind == "vader" and importlib.util.find_spec("vaderSentiment") is None:
+        raise PreflightError(f"eval.judge={cfg.eval.judge} needs the vaderSentiment package (the judge of a "
+                             f"{cfg.reward.kind} reward): pip install vaderSentiment, or eval.judge=none")
+    if kind == "classifier":
+        from .judge import positive_label
+
+        mc = model_config(key, name, "use a local sequence-classifier folder, eval.judge=none or auto")
+        if positive_label(getattr(mc, "id2label", None) or {}) is None:
+            raise PreflightError(f"{key}={name!r} has labels {dict(mc.id2label)}: a judge needs one named POSITIVE "
+                                 "(or two unnamed labels LABEL_0 / LABEL_1)")
+
+
+def check_trackers(cfg: WarpConfig) -> None:
+    """log_with: the trackers asked for are installed (tensorboard comes with `make install`)."""
+    wanted = [] if cfg.log_with.strip() == "none" else [x.strip() for x in cfg.log_with.split(",")]
+    if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None:
+        raise PreflightError("log_with=tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(make install does this), or log_with=none")
+    if "wandb" in wanted and importlib.util.find_spec("wandb") is None:
+        raise PreflightError(f"log_with={cfg.log_with} needs the wandb package: pip install wandb, or "
+                             "log_with=tensorboard | none")
 
 
 # ------------------------------------------------------------------------------------------------- the model

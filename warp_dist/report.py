@@ -2,8 +2,15 @@
 
 `build_report(run_dir)` reads <run>/report/eval.json (rows written by launch/eval.py), <run>/report/samples.json
 (or the samples of <run>/summary.json), <run>/metrics.jsonl, <run>/config.yaml and <run>/summary.json, and writes
-<run>/report/{pareto.png, training.png, report.md, report.html}; every file goes through a temp name and a rename.
-report.html is self-contained (the PNGs are embedded as base64 data URIs).
+<run>/report/{pareto.png, training.png, report.md, report.html, paired.json}; every file goes through a temp name
+and a rename. report.html is self-contained (the PNGs are embedded as base64 data URIs).
+
+Statistics (warp_dist.stats): the metrics table gives each mean with its 95 % Student-t interval over prompts; the
+paired table gives differences between models evaluated on the same prompts and seeds (WARP final - SFT, every
+merge - each of its members, and for each baseline the eta-front point at matched KL - that baseline, i.e. the
+front point whose KL is nearest the baseline's) with paired bootstrap 95 % intervals (2000 resamples of prompts,
+seed 0) and whether each interval excludes zero; the Pareto plot has reward and KL intervals as error bars. Paired
+differences need the rows' per-prompt values (eval.json written by this version of launch/eval.py).
 
     python -m warp_dist.report runs/demo
 """
@@ -19,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .checkpoint import write_text
+from . import stats
+from .checkpoint import write_json, write_text
 
 # kind -> (colour, marker, legend label)
 STYLE = {"sft": ("black", "s", "SFT"), "final": ("tab:red", "*", "WARP final"), "policy": ("tab:gray", "o", "policy"),
@@ -87,8 +95,26 @@ def _save_fig(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _err(r: dict, key: str) -> list[list[float]] | None:
+    """[[below], [above]] of the mean `key`_mean's 95 % interval (matplotlib's asymmetric errors), None without one."""
+    lo, hi, m = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"), r.get(f"{key}_mean")
+    if lo is None or hi is None or m is None or not all(math.isfinite(v) for v in (lo, hi, m)):
+        return None
+    return [[max(m - lo, 0.0)], [max(hi - m, 0.0)]]
+
+
+def error_bars(ax, r: dict, color, alpha: float = 0.45) -> None:
+    """Reward (vertical) and KL (horizontal) 95 % intervals of a row, when it has them."""
+    xe, ye = _err(r, "kl"), _err(r, "reward")
+    if xe is None and ye is None:
+        return
+    ax.errorbar(r["kl_mean"], r["reward_mean"], xerr=xe, yerr=ye, fmt="none", ecolor=color, elinewidth=0.8,
+                capsize=2, alpha=alpha, zorder=1)
+
+
 def pareto_plot(rows: list[dict], path: Path) -> None:
-    """Reward vs KL(pi || pi_SFT): eta fronts as lines, one marker per model, baselines as a dashed front."""
+    """Reward vs KL(pi || pi_SFT): eta fronts as lines, one marker per model, baselines as a dashed front; every
+    point with its reward and KL 95 % intervals as error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     fronts: dict = {}
@@ -102,6 +128,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         ax.plot([p["kl_mean"] for p in pts], [p["reward_mean"] for p in pts], "-" if main else ":", marker=".",
                 color="tab:red" if main else None, alpha=0.9 if main else 0.6, zorder=2,
                 label="eta front: (1-eta) SFT + eta final" if main else f"eta front: SFT -> iter {it} merge")
+        for p in pts:
+            error_bars(ax, p, "tab:red" if main else "gray", 0.35)
         if main:
             for p in pts:
                 ax.annotate(f"{p['eta']:g}", (p["kl_mean"], p["reward_mean"]), fontsize=6, color="tab:red",
@@ -115,6 +143,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         if r["kind"] not in STYLE:
             continue
         color, marker, label = STYLE[r["kind"]]
+        error_bars(ax, r, color)
         ax.scatter(r["kl_mean"], r["reward_mean"], c=color, marker=marker, s=140 if r["kind"] == "final" else 55,
                    label=None if label in seen else label, zorder=5 if r["kind"] == "final" else 3,
                    edgecolors="white", linewidths=0.6)
@@ -130,7 +159,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         ax.annotate(tag, (r["kl_mean"], r["reward_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("KL(pi || pi_SFT) per completion (nats, Monte-Carlo over held-out prompts)")
     ax.set_ylabel("reward (mean over held-out prompts)")
-    ax.set_title("Reward vs KL to the SFT model (higher and further left is better)")
+    ax.set_title("Reward vs KL to the SFT model (higher and further left is better)\nerror bars: 95 % intervals "
+                 "over prompts", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     _save_fig(fig, path)
@@ -187,11 +217,79 @@ def _fmt(x, spec=".3f") -> str:
     return format(x, spec)
 
 
+def _with_ci(r: dict, key: str, spec: str = "+.3f") -> str:
+    """'mean [low, high]' of `key`, '-' when the row has no such mean (no judge, or an older eval.json)."""
+    m = r.get(f"{key}_mean")
+    if m is None:
+        return "-"
+    lo, hi = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return _fmt(m, spec)
+    return f"{format(m, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
+
+
+def judge_name(rows: list[dict]) -> str:
+    return next((r["judge"] for r in rows if r.get("judge")), "none")
+
+
 def metrics_table(rows: list[dict]) -> list[list[str]]:
-    head = ["model", "kind", "eta", "beta", "reward (mean ± std)", "KL to SFT", "identical to SFT", "mean length"]
-    body = [[r["name"], r["kind"], _fmt(r.get("eta"), "g"), _fmt(r.get("beta"), "g"),
-             f"{r['reward_mean']:+.3f} ± {r['reward_std']:.3f}", _fmt(r["kl_mean"]),
-             _fmt(r["identical_fraction"], ".2f"), _fmt(r["length_mean"], ".1f")] for r in rows]
+    head = ["model", "kind", "eta", "beta", "reward [95% CI]", "reward std", "KL to SFT [95% CI]",
+            f"judge: {judge_name(rows)} [95% CI]", "identical to SFT", "mean length", "distinct-1", "distinct-2"]
+    body = [[r["name"], r["kind"], _fmt(r.get("eta"), "g"), _fmt(r.get("beta"), "g"), _with_ci(r, "reward"),
+             _fmt(r["reward_std"]), _with_ci(r, "kl", ".3f"), _with_ci(r, "judge"),
+             _fmt(r["identical_fraction"], ".2f"), _fmt(r["length_mean"], ".1f"), _fmt(r.get("distinct_1")),
+             _fmt(r.get("distinct_2"))] for r in rows]
+    return [head, *body]
+
+
+# ------------------------------------------------------------------------------------------------ paired differences
+PAIRED_METRICS = ("reward", "judge", "kl")
+
+
+def _pairs(rows: list[dict]) -> list[tuple[str, dict, dict, str]]:
+    """(label, a, b, note): the comparisons of the paired table, a - b."""
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    out = []
+    sft, final = by_kind.get("sft", [None])[0], by_kind.get("final", [None])[0]
+    if sft is not None and final is not None:
+        out.append(("WARP final - SFT", final, sft, ""))
+    for mg in sorted(by_kind.get("merged", []), key=lambda r: r["iteration"]):
+        for p in sorted((p for p in by_kind.get("policy", []) if p["iteration"] == mg["iteration"]),
+                        key=lambda r: r["policy"]):
+            out.append((f"{mg['name']} - {p['name']}", mg, p, "merge vs member"))
+    fronts = by_kind.get("front", [])
+    if fronts:
+        last = max(r.get("iteration") or 0 for r in fronts)
+        front = [r for r in fronts if (r.get("iteration") or 0) == last]
+        for b in by_kind.get("baseline", []):
+            f = front[stats.nearest([r["kl_mean"] for r in front], b["kl_mean"])]
+            out.append((f"{f['name']} - {b['name']}", f, b,
+                        f"matched KL: the front point nearest the baseline's KL ({f['kl_mean']:.3f} vs "
+                        f"{b['kl_mean']:.3f})"))
+    return out
+
+
+def paired_differences(rows: list[dict], resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED
+                       ) -> list[dict]:
+    """One entry per (comparison, metric) whose two rows both carry per-prompt values of that metric."""
+    out = []
+    for label, a, b, note in _pairs(rows):
+        pa, pb = a.get("per_prompt") or {}, b.get("per_prompt") or {}
+        for metric in PAIRED_METRICS:
+            va, vb = pa.get(metric), pb.get(metric)
+            if va is None or vb is None or len(va) != len(vb) or not va:
+                continue
+            res = stats.paired_bootstrap(va, vb, resamples, seed)
+            out.append({"comparison": label, "a": a["name"], "b": b["name"], "metric": metric, "note": note, **res})
+    return out
+
+
+def paired_table(diffs: list[dict]) -> list[list[str]]:
+    head = ["comparison (a - b)", "metric", "difference", "95% CI (paired bootstrap)", "excludes 0", "note"]
+    body = [[d["comparison"], d["metric"], f"{d['diff']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]",
+             "yes" if d["excludes_zero"] else "no", d["note"]] for d in diffs]
     return [head, *body]
 
 
@@ -224,6 +322,7 @@ def run_facts(cfg: dict, summary: dict, rows: list[dict]) -> list[list[str]]:
              ["batch, lr", f"{t.get('batch_size')}, {t.get('lr')}"],
              ["beta, mu, anchor", f"{t.get('beta')}, {t.get('mu')}, {t.get('anchor', 'ema')}"],
              ["SLERP lambda, LITI eta", f"{m.get('lam')}, {m.get('eta')}"],
+             ["judge (independent of the reward)", judge_name(rows)],
              ["held-out prompts, eval seed", f"{n}, {e.get('seed')}"]]
     total = summary.get("timers_s", {}).get("total")
     if total is not None:
@@ -268,13 +367,21 @@ def build_report(run_dir: str | Path) -> Path:
     pareto_plot(rows, out / "pareto.png")
     training_plot(load_records(run), out / "training.png", cfg.get("train", {}).get("anchor", "ema"))
     title = f"WARP report: {run.name}"
+    diffs = paired_differences(rows)
+    write_json(out / "paired.json", diffs)
     sections = [("Run", run_facts(cfg, summary, rows)), ("Metrics (held-out prompts, same sampling seeds)",
                                                          metrics_table(rows))]
+    sections.append(("Paired differences (same prompts and seeds; paired bootstrap over prompts)",
+                     paired_table(diffs)))
     if any(r["kind"] == "merged" for r in rows):
         sections.append(("Merging vs its members", merge_table(rows)))
     sections.append(("Samples: SFT vs WARP final (same prompts, same seeds)", sample_table(samples)))
     note = ("KL is the Monte-Carlo estimate of KL(pi || pi_SFT) per completion; 'identical to SFT' is the share of "
-            "prompts whose continuation equals the SFT model's under the same seed. Produced by "
+            "prompts whose continuation equals the SFT model's under the same seed; the judge scores the same texts "
+            "independently of the reward (a reward rising while the judge does not is reward hacking); distinct-n is "
+            "unique / total token n-grams over all completions. [95% CI]: Student-t interval of the mean over "
+            "prompts. Paired differences resample prompts with replacement (2000 resamples, seed 0), both models' "
+            "values of a prompt together; 'excludes 0' = the interval lies on one side of zero. Produced by "
             f"`python launch/eval.py --run {run}`.")
     head = headline(rows)
     md = [f"# {title}", head, note, "## Reward vs KL", "[pareto.png](pareto.png)\n\n![reward vs KL](pareto.png)",

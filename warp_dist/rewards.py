@@ -26,14 +26,15 @@ class RewardError(RunError, ValueError):
 class Reward:
     name = "reward"
 
-    def __init__(self, text: str = "full", batch_size: int = 64):
+    def __init__(self, text: str = "full", batch_size: int = 64, source: str = ""):
         self.text = text
         self.batch_size = batch_size
+        self._source = source  # set when the scorer is not the reward (the evaluation judge: "eval.judge=vader")
 
     @property
     def source(self) -> str:
         """The config that names this reward, for error messages ("reward.kind=vader")."""
-        return f"reward.kind={self.name}"
+        return self._source or f"reward.kind={self.name}"
 
     def _inputs(self, prompts: list[str], completions: list[str]) -> list[str]:
         if self.text == "completion":
@@ -87,7 +88,7 @@ class ClassifierReward(Reward):
     name = "classifier"
 
     def __init__(self, model_name: str, label: int = 1, minus_label: int = -1, max_length: int = 512,
-                 device: str | torch.device = "cpu", **kw):
+                 device: str | torch.device = "cpu", key: str = "reward.name", **kw):
         super().__init__(**kw)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -95,9 +96,9 @@ class ClassifierReward(Reward):
             self.tok = AutoTokenizer.from_pretrained(model_name)
             self.model = AutoModelForSequenceClassification.from_pretrained(model_name).to(device).eval()
         except OSError as exc:
-            raise RuntimeError(f"reward.name={model_name!r} could not be loaded ({str(exc).splitlines()[0]}); "
+            raise RuntimeError(f"{key}={model_name!r} could not be loaded ({str(exc).splitlines()[0]}); "
                                "without hub access use reward.kind=vader or a local classifier folder") from None
-        self.model_name = model_name
+        self.model_name, self.key = model_name, key
         n = self.model.config.num_labels
         for key, v, lo in (("reward.label", label, 0), ("reward.minus_label", minus_label, -1)):
             if not lo <= v < n:
@@ -106,16 +107,40 @@ class ClassifierReward(Reward):
 
     @property
     def source(self) -> str:
-        return f"reward.name={self.model_name}"
+        return self._source or f"{self.key}={self.model_name}"
 
     @torch.no_grad()
-    def score_texts(self, texts):
+    def logits(self, texts) -> torch.Tensor:
         enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
-        logits = self.model(**enc.to(self.device)).logits.float()
+        return self.model(**enc.to(self.device)).logits.float()
+
+    def score_texts(self, texts):
+        logits = self.logits(texts)
         s = logits[:, self.label]
         if self.minus_label >= 0:
             s = s - logits[:, self.minus_label]
         return s.cpu().tolist()
+
+
+class ClassifierJudge(ClassifierReward):
+    """The evaluation judge's classifier score: P(positive) * 2 - 1 in [-1, 1] (softmax over the labels; see
+    warp_dist.judge for which label is positive)."""
+
+    def __init__(self, model_name: str, max_length: int = 512, device: str | torch.device = "cpu",
+                 key: str = "eval.judge", **kw):
+        from .judge import positive_label
+
+        super().__init__(model_name, 0, -1, max_length, device=device, key=key, **kw)
+        labels = dict(getattr(self.model.config, "id2label", None) or {})
+        pos = positive_label(labels)
+        if pos is None:
+            raise ValueError(f"{key}={model_name!r} has labels {labels}: a judge needs one named POSITIVE "
+                             "(or two unnamed labels LABEL_0 / LABEL_1)")
+        self.positive = pos
+
+    def score_texts(self, texts):
+        p = self.logits(texts).softmax(-1)[:, self.positive]
+        return (p * 2.0 - 1.0).cpu().tolist()
 
 
 class CallableReward(Reward):

@@ -39,7 +39,7 @@ _TEMP_NAME = re.compile(rf"\.(?:{_NAMES})\..+")
 # Fields that may differ between a run's stored config.yaml and the config that resumes it: none of them changes
 # what the run computes. Every other field defines the run (model, data, reward, rollout, train, merge, eval, ...).
 RESUME_MAY_CHANGE = ("output_dir", "preset", "progress", "log_every", "dist_timeout_s", "debug", "resume", "overwrite",
-                     "checkpoint_every", "keep_checkpoints", "model.cache_dir")
+                     "checkpoint_every", "keep_checkpoints", "model.cache_dir", "log_with")
 
 
 def log(msg: str) -> None:
@@ -240,17 +240,42 @@ def run(cfg: WarpConfig) -> dict:
         raise
 
 
+def _ci(m: dict, key: str, spec: str = "+.3f") -> str:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    if lo is None or hi is None or lo != lo or hi != hi:  # missing (an older summary) or NaN (one prompt)
+        return ""
+    return f" [{format(lo, spec)}, {format(hi, spec)}]"
+
+
 def result_table(summary: dict) -> str:
+    """The SFT-vs-WARP table printed at the end of a run: means with their 95 % intervals, the judge, diversity, and
+    the paired bootstrap difference WARP - SFT."""
     s, f = summary["sft"], summary["final"]
+    judge = s.get("judge", "none")
+
+    def line(name: str, m: dict) -> str:
+        jm = m.get("judge_mean")
+        jtxt = "-" if jm is None else f"{jm:+.3f}{_ci(m, 'judge')}"
+        d2 = m.get("distinct_2")
+        return (f"| {name} | {m['reward_mean']:+.3f}{_ci(m, 'reward')} ± {m['reward_std']:.3f} | "
+                f"{m['kl_mean']:.3f}{_ci(m, 'kl', '.3f')} | {jtxt} | {m['identical_fraction']:.2f} | "
+                f"{m['length_mean']:.1f} | {'-' if d2 is None else format(d2, '.3f')} |")
+
     rows = [
-        "| model | reward (mean ± std) | KL to SFT | identical to SFT | mean length |",
-        "|---|---|---|---|---|",
-        f"| SFT | {s['reward_mean']:+.3f} ± {s['reward_std']:.3f} | {s['kl_mean']:.3f} | "
-        f"{s['identical_fraction']:.2f} | {s['length_mean']:.1f} |",
-        f"| WARP | {f['reward_mean']:+.3f} ± {f['reward_std']:.3f} | {f['kl_mean']:.3f} | "
-        f"{f['identical_fraction']:.2f} | {f['length_mean']:.1f} |",
+        f"| model | reward [95% CI] ± std | KL to SFT [95% CI] | judge ({judge}) | identical to SFT | mean length "
+        "| distinct-2 |",
+        "|---|---|---|---|---|---|---|",
+        line("SFT", s),
+        line("WARP", f),
     ]
-    lines = ["", *rows, ""]
+    lines = ["", *rows]
+    diff = summary.get("final_vs_sft", {})
+    if diff:
+        parts = [f"{k} {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" + (" (excludes 0)" if v["excludes_zero"]
+                                                                                 else "")
+                 for k, v in diff.items()]
+        lines.append("WARP - SFT, paired bootstrap 95% CI over prompts: " + "; ".join(parts))
+    lines.append("")
     for i, smp in enumerate(summary.get("samples", []), 1):
         lines += [f"[{i}] prompt: {smp['prompt']!r}",
                   f"    SFT  ({smp['sft_reward']:+.3f}): {smp['sft']!r}",

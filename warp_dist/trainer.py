@@ -22,16 +22,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, faults, merging, rl, sampling
+from . import checkpoint, faults, merging, rl, sampling, stats
 from . import dist as distmod
 from .config import WarpConfig
 from .data import decode_pairs, load_prompts
 from .evaluation import EvalResult, summarize
 from .guards import RunError, check_finite, where
+from .judge import build_judge, judge_label, resolve_judge
 from .models import eos_token_ids, load_tokenizer, param_layout, resolve_model_path
 from .policy import DTYPES, InitStore, Policy, Reference, autocast, build_module, deepspeed_config
 from .rewards import build_reward
 from .rollout import SamplingConfig, build_batch, make_backend
+from .tracking import Tracking, samples_markdown
 from .weights import ModelFiles, ParamFiles, SafeFile, Source, StreamWriter, source_part, write_stream
 
 
@@ -64,6 +66,9 @@ class Warp:
         self.cfg, self.device, self.is_main = cfg, d.device, d.is_main
         self.log = log if self.is_main else (lambda *_: None)
         self.metrics = checkpoint.MetricsLog(metrics_path if self.is_main else None)
+        # the same records into TensorBoard / wandb (log_with), rank 0 of a run with a metrics file only
+        self.tracker = (Tracking(cfg.log_with, cfg.output_dir, tc.steps, d.group_size, _config_text(cfg))
+                        if self.is_main and metrics_path else None)
         if tc.batch_size % d.group_size:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the policy group size "
                              f"{d.group_size}")
@@ -76,6 +81,8 @@ class Warp:
         self.pad = self.tokenizer.pad_token_id
         self.sampling = SamplingConfig.from_rollout(cfg.rollout, eos_token_ids(self.tokenizer, self.model_path))
         self.reward = build_reward(cfg.reward, self.device)
+        self.judge = build_judge(cfg, self.device)  # the evaluation's independent judge (None: eval.judge gives none)
+        self.judge_name = judge_label(resolve_judge(cfg.reward, cfg.eval)[1])
         self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer)
         # the models (see warp_dist.policy for what each holds): SFT on disk, policy, reference, theta_init
         self.sft = self._open_sft()
@@ -178,16 +185,21 @@ class Warp:
         return dict(w.iter_full(torch.float32))
 
     def record(self, rec: dict) -> None:
-        """Metrics go to rank 0's JSONL; other ranks hold theirs until `gather_records`."""
+        """Metrics go to rank 0's JSONL (and trackers); other ranks hold theirs until `gather_records`."""
         if self.is_main:
-            self.metrics.write(rec)
+            self._write(rec)
         else:
             self._pending.append(rec)
+
+    def _write(self, rec: dict) -> None:
+        self.metrics.write(rec)
+        if self.tracker is not None:
+            self.tracker.record(rec)
 
     def gather_records(self) -> None:
         for recs in self.dist.all_gather_object(self._pending)[1:]:
             for rec in recs:
-                self.metrics.write(rec)
+                self._write(rec)
         self._pending = []
 
     # ---------------------------------------------------------------- phase: RL for one policy
@@ -412,7 +424,7 @@ class Warp:
                     times[key] += t[key]
         gathered = d.all_gather_object((records, times))
         res = summarize([r for recs, _ in gathered for r in recs], [t for _, t in gathered],
-                        sft.completions if sft is not None else None)
+                        sft.completions if sft is not None else None, judge=self.judge_name)
         if sft is None:
             res.metrics["identical_fraction"] = 1.0  # the SFT model against itself, by definition
         res.metrics["time_eval_s"] = time.perf_counter() - t0
@@ -431,6 +443,9 @@ class Warp:
         t1 = time.perf_counter()
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
         r = self.reward(ptexts, ctexts, where=f"evaluation batch {k}").tolist()
+        # the judge scores the same texts, per prompt (the same on any number of ranks)
+        jd = (self.judge(ptexts, ctexts, where=f"evaluation batch {k}").tolist() if self.judge is not None
+              else [None] * len(ctexts))
         t2 = time.perf_counter()
         kl = []
         chunk = 8  # rows scored at a time: bounds the [rows, C, V] logits
@@ -441,7 +456,7 @@ class Warp:
             lp_sft, _ = self.logprobs(self.reference.logits, batch, support)
             kl += rl.kl_estimate(lp, lp_sft, batch.mask).tolist()
         t3 = time.perf_counter()
-        records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kl[j],
+        records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kl[j], "judge": jd[j],
                     "length": len(c)} for j, c in enumerate(gens.completion_ids)]
         return records, {"generate": t1 - t0, "score": t2 - t1, "kl": t3 - t2, "tokens": gens.num_tokens}
 
@@ -540,7 +555,11 @@ class Warp:
         timers = {**self.timers, "total": time.perf_counter() - t_start + pos.get("elapsed_s", 0.0)}
         summary = {"sft": sft_eval.metrics, "final": {**final_eval.metrics, "weight_distance_to_sft": final_dist},
                    "timers_s": timers, "world_size": d.world_size,
-                   "samples": sample_rows(self.eval_prompts.texts, sft_eval, final_eval, cfg.eval.num_samples_shown)}
+                   "samples": sample_rows(self.eval_prompts.texts, sft_eval, final_eval, cfg.eval.num_samples_shown),
+                   "final_vs_sft": paired_differences(final_eval, sft_eval),
+                   "per_prompt": {"sft": sft_eval.per_prompt(), "final": final_eval.per_prompt()}}
+        if self.tracker is not None:
+            self.tracker.text("samples", samples_markdown(summary["samples"]), tc.iterations * tc.steps)
         if self.is_main:
             slerp = SafeFile(self.state_dir / "blobs" / f"iter{tc.iterations}_slerp.safetensors")
             self.save_model(out / "final", lambda n: slerp.get(n))
@@ -574,6 +593,9 @@ class Warp:
         if found is None:
             if cfg.resume:
                 self.log("resume: no complete checkpoint yet, starting from the beginning")
+                if self.is_main:  # records of the killed attempt (before its first checkpoint) are redone
+                    checkpoint.truncate_lines(Path(cfg.output_dir) / "metrics.jsonl", 0)
+                    self.replay_trackers()
             return fresh
         if found.get("done"):
             return found
@@ -584,6 +606,7 @@ class Warp:
         self.ckpt_dir = Path(found.pop("path"))
         if self.is_main:  # the metrics written after that checkpoint belong to work that is redone
             checkpoint.truncate_lines(Path(cfg.output_dir) / "metrics.jsonl", found["metrics_lines"])
+            self.replay_trackers()
         self.timers = dict(found.get("timers", {}))
         found["elapsed_s"] = found.get("timers", {}).get("elapsed", 0.0)
         it = found["iteration"]
@@ -593,6 +616,12 @@ class Warp:
             self.init = self.init_store_for(init_it)
         checkpoint.load_rng(self.ckpt_dir / f"rank{d.rank}" / "rng.pt")
         return found
+
+    def replay_trackers(self) -> None:
+        """Resume: TensorBoard is rebuilt from metrics.jsonl as cut back (no duplicate points; see tracking.py)."""
+        if self.tracker is not None and self.metrics.path is not None:
+            p = self.metrics.path
+            self.tracker.replay([json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else [])
 
     def init_store_for(self, iteration: int) -> InitStore:
         """theta_init of `iteration` (> 1) from the files the merge of iteration - 1 wrote."""
@@ -679,6 +708,8 @@ class Warp:
         return self.pos["step"]
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         self.backend.close()
         self.policy.close()
         self.reference.close()
@@ -769,11 +800,30 @@ def weighted_quantiles(values: list[tuple[float, int]]) -> dict:
 
 def pack_eval(ev: EvalResult) -> dict:
     """An evaluation result as plain JSON (it goes into the checkpoint's position)."""
-    return {"metrics": ev.metrics, "completions": ev.completions, "texts": ev.texts, "rewards": ev.rewards}
+    return {"metrics": ev.metrics, "completions": ev.completions, "texts": ev.texts, "rewards": ev.rewards,
+            "kls": ev.kls, "judges": ev.judges}
 
 
 def unpack_eval(data: dict) -> EvalResult:
-    return EvalResult(data["metrics"], data["completions"], data["texts"], data["rewards"])
+    return EvalResult(data["metrics"], data["completions"], data["texts"], data["rewards"], data.get("kls", []),
+                      data.get("judges"))
+
+
+def paired_differences(a: EvalResult, b: EvalResult) -> dict:
+    """a - b on the same prompts and seeds: reward, KL and judge (when both have one), each with its paired
+    bootstrap 95 % interval (warp_dist.stats.paired_bootstrap, 2000 resamples, seed 0)."""
+    out = {"reward": stats.paired_bootstrap(a.rewards, b.rewards)}
+    if a.kls and b.kls:
+        out["kl"] = stats.paired_bootstrap(a.kls, b.kls)
+    if a.judges is not None and b.judges is not None:
+        out["judge"] = stats.paired_bootstrap(a.judges, b.judges)
+    return out
+
+
+def _config_text(cfg: WarpConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def sampler_gap(sampler_logprobs: list[list[float]], logp: torch.Tensor, mask: torch.Tensor) -> float:
@@ -814,8 +864,15 @@ def fmt_diag(it: int, d: dict) -> str:
 
 
 def fmt_metrics(name: str, m: dict) -> str:
-    return (f"{name}: reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  KL {m['kl_mean']:.4f}  "
-            f"identical {m['identical_fraction']:.2f}  len {m['length_mean']:.1f}  n={m['num_prompts']}")
+    judge = ""
+    if m.get("judge_mean") is not None:
+        judge = f"  judge {m['judge']} {m['judge_mean']:+.4f}"
+    ci = ""
+    if "reward_ci_low" in m:
+        ci = f" [{m['reward_ci_low']:+.4f}, {m['reward_ci_high']:+.4f}]"
+    return (f"{name}: reward {m['reward_mean']:+.4f}{ci} ± {m['reward_std']:.4f}  KL {m['kl_mean']:.4f}  "
+            f"identical {m['identical_fraction']:.2f}  len {m['length_mean']:.1f}"
+            + (f"  distinct-2 {m['distinct_2']:.3f}" if "distinct_2" in m else "") + f"{judge}  n={m['num_prompts']}")
 
 
 def sample_rows(prompts: list[str], sft: EvalResult, final: EvalResult, n: int) -> list[dict]:
