@@ -191,5 +191,9 @@ def main(argv=None) -> dict:
     return common.finish(NAME, args, argv, out, COLUMNS, rows)
 
 
+def table(res: dict) -> list[list[str]]:
+    return res["rows"]
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -52,6 +52,7 @@ def parse_args(argv):
     ap.add_argument("--repeat", type=int, default=None, help="timed repetitions (median is reported)")
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--eta", type=float, default=0.5)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of state-dict dtypes to merge")
     return common.apply_preset(ap.parse_args(argv), PRESETS)
 
 
@@ -104,7 +105,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
 
     names = float_names(init)
     B = state_bytes(init)
-    largest = max(init[k].numel() * 4 for k in names)  # fp32 bytes: the merge math runs in fp32
+    largest = max(init[k].numel() * init[k].element_size() for k in names)
     warm, acc = [], 0
     for k in names:  # a warm-up slice: the first tensors up to WARMUP_BYTES (at least one)
         warm.append(k)
@@ -198,27 +199,31 @@ def main(argv=None) -> dict:
     ms = common.int_list(args.policies)
     if not ms or min(ms) < 1:
         raise SystemExit("--policies: a comma list of M >= 1")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise SystemExit(f"--dtypes: unknown {bad}; allowed float32, bfloat16, float16")
     rows = []
-    init = real_state(args.model)
-    pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
-    rows += bench_state(args.model, init, pols, ms, args)
-    del init, pols
-    common.release_memory()
     n, dim = args.synthetic_tensors, args.synthetic_dim
-    init = synthetic_state(n, dim, args.seed)
-    pols = [with_noise(init, args.seed + 101 + m) for m in range(max(ms))]
-    rows += bench_state(f"synthetic {n} x [{dim}, {dim}]", init, pols, ms, args)
-    del init, pols
-    common.release_memory()
+    for dt in dtypes:
+        cast = getattr(torch, dt)
+        for label, make in ((args.model, lambda: real_state(args.model)),
+                            (f"synthetic {n} x [{dim}, {dim}]", lambda: synthetic_state(n, dim, args.seed))):
+            init = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in make().items()}
+            pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
+            rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", init, pols, ms, args)]
+            del init, pols
+            common.release_memory()
     res = {
         "config": {"model": args.model, "synthetic_tensors": n, "synthetic_dim": dim, "policies": ms,
                    "repeat": args.repeat, "lam": args.lam, "eta": args.eta, "torch_threads": torch.get_num_threads()},
         "rows": rows,
         "counting": "merge bytes = read (init + M policies) + written (2 outputs) = (M+3) x model bytes; clone "
                     "bytes = read + written = 2 x (M+1) x model bytes; model bytes = unique float tensors; GB = 1e9",
-        "notes": "stream extra = peak RSS growth during dist.stream_merge minus its 2 full outputs; theoretical = "
-                 "largest tensor x (M+2). The merge math's temporaries (M fp32 task vectors, fp64 copies for the "
-                 "angle and the Gram matrix) sit on top of the theoretical working set.",
+        "notes": "merge = merging.merge_state_dicts, i.e. merging.merge_pass per tensor: one chunked read pass "
+                 "(task vectors formed once, fp64 Gram matrix) and one read + write pass (theta_slerp and the next "
+                 "theta_init); its temporaries are a few 64K-element chunks. stream extra = peak RSS growth during "
+                 "dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2).",
     }
     return common.finish(NAME, args, argv, res, COLUMNS, table(res))
 

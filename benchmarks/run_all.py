@@ -4,7 +4,8 @@
     python benchmarks/run_all.py --size tiny      # smoke run (~1.5 min) -> benchmarks/results/tiny/RESULTS.md
     python benchmarks/run_all.py --no-run         # re-render the report from the JSONs already there
 
-Order: rollout (HF vs vLLM tokens/s, benchmarks/rollout.py), train_step, merge, scaling, e2e. Each benchmark runs
+Order: rollout (HF vs vLLM tokens/s, benchmarks/rollout.py), train_step, merge, scaling, e2e, completions; memory
+(per-rank peak memory of real runs, ~40 min) only with `--only memory`. Each benchmark runs
 as its own `python benchmarks/<name>.py ...` process (`main(argv)` of that file), so one benchmark's engines,
 threads and allocator state cannot leak into the next; its log goes to <results>/logs/<name>.log. A failing
 benchmark is reported in the Markdown and the exit code, and the others still run.
@@ -26,16 +27,21 @@ if str(ROOT) not in sys.path:
 from benchmarks import common  # noqa: E402
 
 NAME = "run_all"
-ORDER = ("rollout", "train_step", "merge", "scaling", "e2e")
+ORDER = ("rollout", "train_step", "merge", "scaling", "e2e", "completions", "memory")
+DEFAULT = ORDER[:-1]  # memory.py runs ~40 min of real runs: `--only memory` (or run it directly) adds its section
 # rough seconds per benchmark on 2 quiet cores (cpu preset); the machine these were sized on was shared
-ESTIMATE_S = {"cpu": {"rollout": 60, "train_step": 110, "merge": 180, "scaling": 60, "e2e": 220},
-              "tiny": {"rollout": 30, "train_step": 25, "merge": 10, "scaling": 25, "e2e": 20}}
+ESTIMATE_S = {"cpu": {"rollout": 60, "train_step": 110, "merge": 180, "scaling": 60, "e2e": 900, "completions": 600,
+                      "memory": 2400},
+              "tiny": {"rollout": 30, "train_step": 25, "merge": 10, "scaling": 25, "e2e": 20, "completions": 40,
+                       "memory": 120}}
 TITLES = {
     "rollout": "Rollout throughput: HF generate vs vLLM",
     "train_step": "One RL step, phase by phase",
     "merge": "SLERP + LITI merge vs a plain copy; streaming merger memory",
     "scaling": "Policies on M ranks vs one after the other on one rank",
     "e2e": "Whole WARP run: this project vs a naive single-process loop",
+    "completions": "k completions per prompt (RLOO): tokens/s and reward gain per second",
+    "memory": "Peak memory per rank: one process and ZeRO-3 with G = 1, 2, 4 (next to the memory plan)",
 }
 ROLLOUT_COLUMNS = ["model", "device", "prompts", "prompt tokens", "new tokens", "HF tok/s", "vLLM tok/s", "vLLM / HF"]
 
@@ -173,7 +179,8 @@ def parse_args(argv):
     ap = common.parser(NAME, __doc__)
     ap.set_defaults(out=None)
     ap.add_argument("--results-dir", default=None, help="where the JSONs go (default per size, see above)")
-    ap.add_argument("--only", default=",".join(ORDER), help=f"comma list out of {','.join(ORDER)}")
+    ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma list out of {','.join(ORDER)} (default: all "
+                    "but memory)")
     ap.add_argument("--no-run", action="store_true", help="only re-render the report from existing JSONs")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per benchmark")
     args = ap.parse_args(argv)

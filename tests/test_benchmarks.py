@@ -157,3 +157,20 @@ def test_memory(results, tiny_model_path):
     for c in cases.values():
         assert all(200e6 < v < 8e9 for v in c["peak_bytes_per_rank"].values()), c  # a python process with torch
     assert cases["1 process, HF"]["peak_over_one_process_hf"] == 1.0
+    for c in cases.values():  # the memory plan (config.json only) predicts each rank's peak
+        assert 0.75 < c["measured_over_plan"] < 1.25, c
+
+
+def test_completions(results, tiny_model_path):
+    """k completions per prompt through the trainer's own RL loop (HF backend here: the vLLM n=k path has its own
+    end-to-end test), same completions per step for every k."""
+    from benchmarks import completions
+
+    out = results / "completions.json"
+    res = check_written(completions.main(["--size", "tiny", "--backend", "hf", "--ks", "1,2", "--steps", "3",
+                                          "--out", str(out)]), out, "completions")
+    runs = {r["k"]: r for r in res["runs"]}
+    assert set(runs) == {1, 2} and runs[1]["prompts"] == 2 * runs[2]["prompts"]
+    for r in runs.values():
+        assert positive(r["sampling_tokens_per_s"]) and positive(r["step_s"]) and positive(r["gain_seconds"])
+        assert math.isfinite(r["reward_gain_per_s"]) and len(r["rewards"]) == 3

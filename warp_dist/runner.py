@@ -74,13 +74,9 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    try:
-        import datasets
+    import os
 
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # `datasets` (hub data only) reads it on import
 
 
 # ------------------------------------------------------------------------------------------------- run folder
