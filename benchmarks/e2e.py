@@ -31,12 +31,16 @@ from benchmarks import common  # noqa: E402
 
 NAME = "e2e"
 PRESETS = {
-    "tiny": dict(config="configs/tiny.yaml", model="", backend="", ranks=1, iterations=2, policies=2, steps=2,
-                 batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300),
-    "cpu": dict(config="configs/demo.yaml", model="", backend="", ranks=2, iterations=2, policies=2, steps=3,
-                batch_size=8, new_tokens=16, eval_prompts=32, eval_batch=16, timeout=900),
-    "gpu": dict(config="configs/demo.yaml", model="", backend="", ranks=2, iterations=2, policies=2, steps=25,
-                batch_size=32, new_tokens=48, eval_prompts=128, eval_batch=32, timeout=3600),
+    "tiny": dict(config="configs/tiny.yaml", model="", backend="", ranks="1", iterations=2, policies=2, steps=2,
+                 batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300, reward=""),
+    # the demo's shape and length (I = 2, M = 2, T = 25, 16 prompts x 24 tokens, 64 eval prompts), project on 1 and 2
+    # ranks; the model and reward of the embedded default (SmolLM2-135M, VADER) so it needs no pipeline stage first
+    "cpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="1,2", iterations=2,
+                policies=2, steps=25, batch_size=16, new_tokens=24, eval_prompts=64, eval_batch=32, timeout=3600,
+                reward="vader"),
+    "gpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="2", iterations=2,
+                policies=2, steps=25, batch_size=32, new_tokens=48, eval_prompts=128, eval_batch=32, timeout=3600,
+                reward="vader"),
 }
 COLUMNS = ["config", "I x M x T", "batch x tokens", "project (ranks, backend)", "project wall s", "naive wall s",
            "naive / project wall", "project run s", "naive run s", "naive / project run",
@@ -48,7 +52,8 @@ def parse_args(argv):
     ap.add_argument("--config", default=None, help="WARP preset YAML (relative to the repository root)")
     ap.add_argument("--model", default=None, help="override model.name ('' = the config's)")
     ap.add_argument("--backend", default=None, help="override rollout.backend for the project run ('' = config's)")
-    ap.add_argument("--ranks", type=int, default=None, help="ranks of the project run (1 = plain python)")
+    ap.add_argument("--ranks", default=None, help="comma list: ranks of each project run (1 = plain python)")
+    ap.add_argument("--reward", default=None, help="override reward.kind ('' = the config's)")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--policies", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -115,18 +120,23 @@ def build_config(args, out_dir: Path):
         ov.append(f"model.name={args.model}")
     if args.backend:
         ov.append(f"rollout.backend={args.backend}")
+    if args.reward:
+        ov.append(f"reward.kind={args.reward}")
     return load_config(ROOT / args.config, ov)
 
 
 def table(res: dict) -> list[list[str]]:
-    c, p, n = res["config"], res["project"], res["naive"]
-    return [[c["config"], f"{c['iterations']} x {c['policies']} x {c['steps']}",
-             f"{c['batch_size']} x {c['new_tokens']}", f"{c['ranks']}, {c['backend']}", common.fmt(p["wall_s"]),
-             common.fmt(n["wall_s"]), common.fmt_ratio(res["ratios"]["naive_over_project_wall"]),
-             common.fmt(p["run_s"]), common.fmt(n["run_s"]), common.fmt_ratio(res["ratios"]["naive_over_project_run"]),
-             f"{p['final_reward_mean']:+.4f} ({p['sft_reward_mean']:+.4f})",
-             f"{n['final_reward_mean']:+.4f} ({n['sft_reward_mean']:+.4f})", common.fmt(p["final_kl_mean"]),
-             common.fmt(n["final_kl_mean"])]]
+    c, n = res["config"], res["naive"]
+    rows = []
+    for p in res.get("projects", [res["project"]]):
+        rows.append([c["config"], f"{c['iterations']} x {c['policies']} x {c['steps']}",
+                     f"{c['batch_size']} x {c['new_tokens']}", f"{p['world_size']}, {c['backend']}",
+                     common.fmt(p["wall_s"]), common.fmt(n["wall_s"]), common.fmt_ratio(n["wall_s"] / p["wall_s"]),
+                     common.fmt(p["run_s"]), common.fmt(n["run_s"]), common.fmt_ratio(n["run_s"] / p["run_s"]),
+                     f"{p['final_reward_mean']:+.4f} ({p['sft_reward_mean']:+.4f})",
+                     f"{n['final_reward_mean']:+.4f} ({n['sft_reward_mean']:+.4f})", common.fmt(p["final_kl_mean"]),
+                     common.fmt(n["final_kl_mean"])])
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -137,36 +147,43 @@ def main(argv=None) -> dict:
 
     from warp_dist import checkpoint
 
-    if torch.cuda.is_available() and args.ranks > torch.cuda.device_count():
-        print(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPU(s), using that many ranks", flush=True)
-        args.ranks = torch.cuda.device_count()
+    ranks_list = common.int_list(args.ranks)
+    if torch.cuda.is_available():
+        ranks_list = [min(r, torch.cuda.device_count()) for r in ranks_list]
+    projects, cmds = [], []
     with tempfile.TemporaryDirectory(prefix="warp_bench_e2e_") as tmp:
         tmp = Path(tmp)
         cfg = build_config(args, tmp / "project")
-        cfg_path = checkpoint.write_yaml(tmp / "config.yaml", cfg.to_dict())
         if cfg.rollout.backend in ("vllm", "auto"):
             # resolve 'auto' here so the report names the backend; vLLM missing -> HF (the table says so)
             cfg.rollout.backend = "vllm" if common.vllm_import_error() is None else "hf"
-            cfg_path = checkpoint.write_yaml(tmp / "config.yaml", cfg.to_dict())
         backend = cfg.rollout.backend
-        # project: its own launcher, threads split between its ranks
-        cmd = common.launch_cmd(args.ranks, ROOT / "launch" / "warp.py", ["--config", str(cfg_path)])
-        wall_p, _ = common.run_timed(cmd, common.subprocess_env(**common.thread_env(args.ranks)), args.timeout,
-                                     log_path=tmp / "project.log")
-        summary = checkpoint_json(tmp / "project" / "summary.json")
-        # naive: a fresh python process with every core
+        for ranks in ranks_list:
+            cfg.output_dir = str(tmp / f"project{ranks}")
+            cfg_path = checkpoint.write_yaml(tmp / f"config{ranks}.yaml", cfg.to_dict())
+            # project: its own launcher, threads split between its ranks
+            cmd = common.launch_cmd(ranks, ROOT / "launch" / "warp.py", ["--config", str(cfg_path)])
+            wall_p, _ = common.run_timed(cmd, common.subprocess_env(**common.thread_env(ranks)), args.timeout,
+                                         log_path=tmp / f"project{ranks}.log")
+            summary = checkpoint_json(tmp / f"project{ranks}" / "summary.json")
+            proj = {"wall_s": wall_p, "run_s": summary["timers_s"]["total"], "timers_s": summary["timers_s"],
+                    "final_reward_mean": summary["final"]["reward_mean"],
+                    "final_kl_mean": summary["final"]["kl_mean"], "final_reward_std": summary["final"]["reward_std"],
+                    "sft_reward_mean": summary["sft"]["reward_mean"],
+                    "final_identical_fraction": summary["final"]["identical_fraction"],
+                    "weight_distance_to_sft": summary["final"]["weight_distance_to_sft"],
+                    "world_size": summary["world_size"]}
+            proj["reward_gain"] = proj["final_reward_mean"] - proj["sft_reward_mean"]
+            projects.append(proj)
+            cmds.append(" ".join(cmd))
+        # naive: a fresh python process with every core, on the same config
         naive_out = tmp / "naive.json"
         ncmd = [common.python_bin(), str(Path(__file__).resolve()), "--naive", str(cfg_path), "--naive-out",
                 str(naive_out)]
         wall_n, _ = common.run_timed(ncmd, common.subprocess_env(**common.thread_env(1)), args.timeout,
                                      log_path=tmp / "naive.log")
         naive = checkpoint_json(naive_out)
-    proj = {"wall_s": wall_p, "run_s": summary["timers_s"]["total"], "timers_s": summary["timers_s"],
-            "final_reward_mean": summary["final"]["reward_mean"], "final_kl_mean": summary["final"]["kl_mean"],
-            "final_reward_std": summary["final"]["reward_std"], "sft_reward_mean": summary["sft"]["reward_mean"],
-            "final_identical_fraction": summary["final"]["identical_fraction"],
-            "weight_distance_to_sft": summary["final"]["weight_distance_to_sft"], "world_size": summary["world_size"]}
-    proj["reward_gain"] = proj["final_reward_mean"] - proj["sft_reward_mean"]
+    proj = projects[0]
     nv = {"wall_s": wall_n, "run_s": naive["run_s"], "setup_s": naive["setup_s"],
           "final_reward_mean": naive["final"]["reward_mean"], "final_kl_mean": naive["final"]["kl_mean"],
           "final_reward_std": naive["final"]["reward_std"], "sft_reward_mean": naive["sft"]["reward_mean"],
@@ -174,19 +191,22 @@ def main(argv=None) -> dict:
           "weight_distance_to_sft": naive["final"]["weight_distance_to_sft"]}
     nv["reward_gain"] = nv["final_reward_mean"] - nv["sft_reward_mean"]
     res = {
-        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "ranks": args.ranks,
+        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "ranks": ranks_list[0],
+                   "ranks_list": ranks_list, "reward": cfg.reward.kind,
                    "iterations": args.iterations, "policies": args.policies, "steps": args.steps,
                    "batch_size": args.batch_size, "new_tokens": args.new_tokens, "eval_prompts": args.eval_prompts,
-                   "eval_batch": args.eval_batch, "seed": args.seed, "project_command": " ".join(cmd)},
+                   "eval_batch": args.eval_batch, "seed": args.seed, "project_command": cmds[0], "project_commands": cmds},
         "project": proj,
+        "projects": projects,
         "naive": nv,
-        "ratios": {"naive_over_project_wall": wall_n / wall_p, "naive_over_project_run": nv["run_s"] / proj["run_s"],
+        "ratios": {"naive_over_project_wall": wall_n / proj["wall_s"],
+                   "naive_over_project_wall_by_ranks": {str(p["world_size"]): wall_n / p["wall_s"] for p in projects}, "naive_over_project_run": nv["run_s"] / proj["run_s"],
                    "final_reward_project_minus_naive": proj["final_reward_mean"] - nv["final_reward_mean"],
                    "sft_reward_project_minus_naive": proj["sft_reward_mean"] - nv["sft_reward_mean"],
                    "weight_distance_to_sft_project_minus_naive":
                        proj["weight_distance_to_sft"] - nv["weight_distance_to_sft"]},
         "notes": "ratios > 1: the project is faster. Same eval prompts and eval seeds for both; the project "
-                 f"samples with its '{backend}' backend on {args.ranks} rank(s), the naive loop with HF generate "
+                 f"samples with its '{backend}' backend on {', '.join(map(str, ranks_list))} rank(s), the naive loop with HF generate "
                  "on one process; project threads per rank = cores // ranks. Different backends draw different "
                  "samples from the same seeds, so compare each run's final reward with its own SFT reward "
                  "(reward_gain); with 1 rank and the HF backend both runs sample the same tokens and agree to rounding.",
