@@ -55,7 +55,7 @@ def liti(init: torch.Tensor, target: torch.Tensor, eta: float) -> torch.Tensor:
     return torch.lerp(init.float(), target.float(), eta).to(init.dtype)
 
 
-CHUNK = 1 << 16  # elements per chunk of the fused merge: its temporaries (a few x 256 KB) stay in the CPU's cache
+CHUNK = 1 << 18  # elements per chunk of the fused merge: its temporaries (a few x 1 MB) stay in the CPU cache
 
 
 def slerp_coefficients(gram, lam: float) -> list[float]:
@@ -91,7 +91,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     """One tensor of the WARP merge at memory speed: returns (theta_slerp, next theta_init, gram).
 
     Pass 1 reads init and the M policies once, chunk by chunk, forming each task vector d_i = p_i - init once (fp32)
-    and accumulating in fp64 the Gram matrix of the rows [d_1 .. d_M, init - sft] ([M + 1, M + 1]; with sft None the
+    and accumulating in fp64 (fp32 products of a chunk summed in fp64) the Gram matrix of the rows [d_1 .. d_M, init - sft] ([M + 1, M + 1]; with sft None the
     last row is 0 and costs nothing). Pass 2 reads them again and writes both outputs: theta_slerp = init +
     sum_i c_i d_i (c from `slerp_coefficients`; fp32 arithmetic) and next = lerp(init, theta_slerp, eta), the same
     op every rank applies to its own slices. The Gram matrix carries every diagnostic (task-vector norms and angles,
@@ -108,9 +108,9 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     n = x.numel()
     c = min(chunk, max(n, 1))
     k = M + (1 if f is not None else 0)  # rows actually formed
-    rows = torch.zeros(k, c, dtype=torch.float32)
-    rows64 = torch.empty(k, c, dtype=torch.float64)
-    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    rows = torch.empty(k, c, dtype=torch.float32)
+    prod = torch.empty(c, dtype=torch.float32)
+    acc64 = [[0.0] * (M + 1) for _ in range(M + 1)]
     for a in range(0, n, c):
         b = min(a + c, n)
         w = b - a
@@ -119,10 +119,14 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
             torch.sub(p[a:b], base, out=rows[i, :w])
         if f is not None:
             torch.sub(base, f[a:b], out=rows[M, :w])
-        if w < c:
-            rows[:, w:].zero_()
-        rows64.copy_(rows)
-        gram[:k, :k].addmm_(rows64, rows64.T)
+        for i in range(k):  # products in fp32 (exact to rounding), summed in fp64: no fp64 copy of a row or a tensor
+            ri = rows[i, :w]
+            for j in range(i, k):
+                acc64[i][j] += float(torch.mul(ri, rows[j, :w], out=prod[:w]).sum(dtype=torch.float64))
+    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            gram[i, j] = gram[j, i] = acc64[i][j]
     coef = slerp_coefficients(gram[:M, :M], lam)
     out = torch.empty_like(x)
     nxt = torch.empty_like(x)
