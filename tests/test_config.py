@@ -13,7 +13,8 @@ from warp_dist.config import ConfigError, WarpConfig, config_from_dict, load_con
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+STAGE_PRESETS = ("sft", "reward_model")  # loaded by warp_dist.stages.config, tested below
+PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in STAGE_PRESETS)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -23,6 +24,17 @@ def test_presets_load(path):
     assert cfg.preset == path.stem
     assert cfg.output_dir.startswith(f"runs/{path.stem}-")
     validate(cfg)
+
+
+@pytest.mark.parametrize("stage", STAGE_PRESETS)
+def test_stage_presets_load(stage):
+    from warp_dist.stages.config import load_stage_config
+
+    cfg = load_stage_config(stage, REPO / "configs" / f"{stage}.yaml", [])
+    assert cfg.preset == stage
+    assert cfg.output_dir.startswith(f"runs/{stage}-")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_stage_config(stage, REPO / "configs" / f"{stage}.yaml", ["train.lr=-1"])
 
 
 def test_tiny_preset_values():
