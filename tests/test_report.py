@@ -238,6 +238,7 @@ def test_eval_rejects_bad_input_before_loading_anything(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ under accelerate
+@pytest.mark.slow  # the trainer's 2-rank evaluation is tested in test_distributed
 @pytest.mark.multiproc
 def test_eval_on_two_ranks_matches_one(finished, tmp_path):
     run, rows = finished

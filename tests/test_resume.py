@@ -58,7 +58,9 @@ def reference(tmp_path_factory, tiny_model_path):
     return out
 
 
-@pytest.mark.parametrize("point", ["step:5", "checkpoint:7", "blob:2", "merge:1", "eval:2"])
+@pytest.mark.parametrize("point", ["step:5", "checkpoint:7", "merge:1",  # the other two points under -m slow
+                                   pytest.param("blob:2", marks=pytest.mark.slow),
+                                   pytest.param("eval:2", marks=pytest.mark.slow)])
 def test_killed_at_a_point_then_resumed_is_bit_identical(point, reference, tmp_path):
     out = tmp_path / "run"
     killed = warp(out, env={"WARP_DIST_KILL_AT": point})
@@ -69,6 +71,7 @@ def test_killed_at_a_point_then_resumed_is_bit_identical(point, reference, tmp_p
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow  # the named points above cover each phase; this adds a kill while resuming and a random moment
 def test_killed_twice_and_at_a_random_moment(reference, tmp_path):
     """Killed at a random moment from outside, killed again while resuming, resumed again."""
     out = tmp_path / "run"

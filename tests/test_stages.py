@@ -235,6 +235,9 @@ def test_config_hash_ignores_where_and_how_loudly(tmp_path):
     c = load_stage_config("sft", SFT_YAML, ["train.lr=5e-5"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert a.preset == "sft" and a.output_dir == f"runs/sft-{config_hash(a)[:8]}"
+    # what make demo reads to find (or place) the cached result: no work, nothing written
+    proc = py("launch/sft.py", "--config", SFT_YAML, "--print-output-dir", "train.lr=5e-5")
+    assert proc.returncode == 0 and proc.stdout.strip() == c.output_dir and not (ROOT / c.output_dir).exists()
 
 
 def test_output_decisions(tmp_path):

@@ -246,6 +246,7 @@ def test_short_warp_run_with_vllm_rollouts_moves_the_policy(vllm_run):
     assert any(not torch.equal(p0[k], init[k]) for k in p0)
 
 
+@pytest.mark.slow  # the same resume path as test_resume (HF), with vLLM sampling
 def test_killed_vllm_run_resumes_bit_identical(vllm_run, tmp_path):
     """vLLM-CPU's per-request seeded sampling is reproducible: a run killed mid-training and resumed (a fresh engine,
     fed the restored weights) ends with the same final weights, byte for byte."""
