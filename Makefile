@@ -27,14 +27,23 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-# The embedded default: WARP, then a short plain-REINFORCE baseline sweep, then the evaluation and report.
+# The whole pipeline, offline: SFT stage -> reward-model stage -> WARP from the SFT model against the reward
+# model -> plain-REINFORCE baselines -> evaluation and report. The two stages are cached by their resolved config
+# (runs/sft-<hash>, runs/reward_model-<hash>): a second `make demo` skips them.
 DEMO_OUT ?= runs/demo
 DEMO_BETAS ?= 0.05,0.2
+SFT_ARGS ?=
+RM_ARGS ?=
 demo: install
+	$(BIN)/python launch/sft.py --config configs/sft.yaml $(SFT_ARGS)
+	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
+	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
+	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
+	stages="model.name=$$sft reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
-		output_dir=$(DEMO_OUT) save_iterations=true $(ARGS)
+		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
-		--out $(DEMO_OUT)/baselines train.steps=25 progress=false
+		--out $(DEMO_OUT)/baselines train.steps=25 progress=false $$stages
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install

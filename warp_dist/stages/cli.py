@@ -26,6 +26,8 @@ PRESETS = {"sft": "configs/sft.yaml", "reward_model": "configs/reward_model.yaml
 def parse_args(stage: str, argv=None):
     ap = argparse.ArgumentParser(description=DESCRIPTIONS[stage], epilog="overrides: dotted.key=value")
     ap.add_argument("--config", required=True, help=f"YAML preset, e.g. {PRESETS[stage]}")
+    ap.add_argument("--print-output-dir", action="store_true",
+                    help="print the resolved output_dir (default runs/<preset>-<config hash>) and exit; no work")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.lr=5e-5 output_dir=runs/x")
     return ap.parse_args(argv)
 
@@ -51,6 +53,9 @@ def main(stage: str, argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.print_output_dir:  # for scripts (make demo): where this config's result is, or will be, cached
+        print(cfg.output_dir)
+        return 0
     from ..preflight import PreflightError  # torch-free, as are the next two
     from ..runner import print_error
     from .output import StageError
