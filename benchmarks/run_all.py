@@ -107,6 +107,8 @@ def section_table(name: str, res: dict, command: str) -> tuple[list[str], list[l
 
         mod = importlib.import_module(f"benchmarks.{name}")
         cols, rows = mod.COLUMNS, mod.table(res)
+    if cols and cols[-1] == "command":  # the script gives each row its own command: keep it, add none
+        return list(cols), [list(row) for row in rows]
     return [*cols, "command"], [[*row, f"`{command}`"] for row in rows]
 
 
@@ -166,11 +168,16 @@ def render(size: str, results: Path, statuses: dict[str, dict], started: str | N
             continue
         # the JSON's own command when it records one (rollout.py does not), else the one run_all used
         command = rel(res.get("command") or st.get("command") or bench_command(name, bench_argv(name, size, results)))
-        cols, rows = section_table(name, res, command)
+        try:
+            cols, rows = section_table(name, res, command)
+        except (KeyError, TypeError, IndexError):  # a JSON written by an older version of the script
+            lines += [f"Stale record (written by an older `{name}.py`, another layout): rerun `{command}`.", ""]
+            continue
         lines += [common.md_table(cols, rows), ""]
         m = res.get("machine")
         if m and m.get("date"):
-            lines.append(f"Measured {m['date']} (load average {m.get('load_average_1m')}).")
+            lines.append(f"Measured {m['date']} on {m.get('cpu_model', '?')} x {m.get('cores', '?')} cores "
+                         f"(load average {m.get('load_average_1m')}); `{command}`.")
         lines += [*notes_of(name, res), ""]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -71,7 +71,6 @@ def test_killed_at_a_point_then_resumed_is_bit_identical(point, reference, tmp_p
     assert_same_run(reference, out)
 
 
-@pytest.mark.slow  # the named points above cover each phase; this adds a kill while resuming and a random moment
 def test_killed_twice_and_at_a_random_moment(reference, tmp_path):
     """Killed at a random moment from outside, killed again while resuming, resumed again."""
     out = tmp_path / "run"
