@@ -306,6 +306,17 @@ def validate(c: WarpConfig) -> None:
            '"" (= model.dtype) | float32 | bfloat16 | float16', c.save_dtype)
 
 
+def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict as dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def load_into(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """A fresh `cls()` (any config dataclass) with the preset YAML (optional) and `dotted.key=value` overrides
     applied, in that order; not validated. Unknown keys raise ConfigError naming `cls`'s close matches. A class with

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, WarpConfig, config_from_dict
+from .config import ConfigError, WarpConfig, config_from_dict, flat
 
 # torch-free at import time (checkpoint, guards and dist import torch where used), so that launch/warp.py reports
 # bad input in well under a second.
@@ -93,19 +93,9 @@ def run_entries(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_run_entry(p.name))
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def stored_config_difference(stored: WarpConfig, new: WarpConfig) -> tuple[str, Any, Any] | None:
     """The first run-defining field (not in RESUME_MAY_CHANGE) whose values differ: (key, stored, new), or None."""
-    a, b = _flat(stored.to_dict()), _flat(new.to_dict())
+    a, b = flat(stored.to_dict()), flat(new.to_dict())
     for key, value in b.items():
         if key not in RESUME_MAY_CHANGE and a.get(key) != value:
             return key, a.get(key), value

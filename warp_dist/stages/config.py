@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, _check, load_into
+from ..config import ConfigError, _check, flat, load_into
 
 STAGES = ("sft", "reward_model")
 
@@ -183,17 +183,6 @@ def validate_reward_model(c: RewardModelConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- loading
 _CLASSES = {"sft": (SftConfig, validate_sft), "reward_model": (RewardModelConfig, validate_reward_model)}
-
-
-def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def hashed_fields(cfg) -> dict[str, Any]:
