@@ -33,14 +33,19 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def write_result(cfg, summary: dict, save_model) -> Path:
-    """Write the model (save_model(tmp)), config.yaml and, last, summary.json into a temp folder next to
-    cfg.output_dir, then rename it into place. Nothing is left behind if anything fails."""
+def write_result(cfg, summary: dict, model, tokenizer, t0: float) -> Path:
+    """Write the model and tokenizer (save_pretrained), config.yaml and, last, summary.json (its timings get save_s
+    and total_s, t0 being the stage's start) into a temp folder next to cfg.output_dir, then rename it into place.
+    Nothing is left behind if anything fails."""
     from ..checkpoint import write_json, write_yaml
 
+    tic = time.time()
     tmp = begin(cfg.output_dir)
     try:
-        save_model(tmp)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        summary["timings"]["save_s"] = time.time() - tic
+        summary["timings"]["total_s"] = time.time() - t0
         write_yaml(tmp / CONFIG, cfg.to_dict())
         write_json(tmp / SUMMARY, summary)
         return publish(tmp, cfg.output_dir)

@@ -129,6 +129,7 @@ class RewardModelTrainConfig:
     warmup_ratio: float = 0.06  # share of the steps with a linear warm-up; then linear decay to 0
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping
+    freeze_embeddings: bool = False  # keep the encoder's token embeddings as pretrained (not trained, no optimizer state)
     seed: int = 0  # the new classification head, dropout, batch order
 
 

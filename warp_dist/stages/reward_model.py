@@ -248,15 +248,7 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
         "device": str(device), "command": command, "output_dir": cfg.output_dir, "timings": timings,
         **environment(),
     }
-    tic = time.time()
-
-    def save(tmp):  # summary.json is written after this, with these two timings
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        timings["save_s"] = time.time() - tic
-        timings["total_s"] = time.time() - t0
-
-    write_result(cfg, summary, save)
+    write_result(cfg, summary, model, tok, t0)
     log(f"reward_model: wrote {cfg.output_dir} ({time.time() - t0:.0f} s in all); in WARP: reward.kind=classifier "
         f"reward.name={cfg.output_dir} reward.label=1 reward.minus_label=0")
     return summary
@@ -273,10 +265,13 @@ def _fit(cfg: RewardModelConfig, model, seqs, labels, pad_id: int, device, check
     epochs = [length_batches(lengths, t.batch_size, rng) for _ in range(t.epochs)]
     total = sum(len(b) for b in epochs)
     warmup = int(t.warmup_ratio * total)
-    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
-    rest = [p for _, p in model.named_parameters() if p.ndim < 2]
+    if t.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=t.lr)
+                            lr=t.lr, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     y_all = torch.tensor(labels)
     losses: list[float] = []
@@ -288,7 +283,7 @@ def _fit(cfg: RewardModelConfig, model, seqs, labels, pad_id: int, device, check
             loss = F.cross_entropy(logits, y_all[idx].to(device))
             check_finite(loss.detach(), "loss", f"reward_model step {len(losses) + 1}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trained, t.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

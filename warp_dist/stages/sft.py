@@ -229,16 +229,8 @@ def _train(cfg: SftConfig, d, decision: str, command: str, t0: float) -> dict:
         "command": command, "output_dir": cfg.output_dir, "timings": timings, **environment(),
     }
     if d.is_main:
-        tic = time.time()
-
-        def save(tmp):  # summary.json is written after this, with these two timings
-            model.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-            timings["save_s"] = time.time() - tic
-            timings["total_s"] = time.time() - t0
-
-        write_result(cfg, summary, save)
-        say(f"sft: wrote {cfg.output_dir} ({time.time() - tic:.0f} s to save; {time.time() - t0:.0f} s in all)")
+        write_result(cfg, summary, model, tok, t0)
+        say(f"sft: wrote {cfg.output_dir} ({timings['save_s']:.0f} s to save; {time.time() - t0:.0f} s in all)")
     d.barrier()
     return summary
 
