@@ -9,7 +9,8 @@ the eta = 0 / eta = 1 ends of the front reproduce the SFT / final rows exactly. 
 config.yaml (e.g. eval.batch_size=64 data.num_eval_prompts=256 rollout.backend=hf). Rank 0 writes
 <run>/report/eval.json (a list of rows: name, kind, iteration, policy, eta, beta, folder + the metrics, with 95 %
 intervals, the judge's score and distinct-n, + per_prompt: {reward, kl, judge} lists in prompt order, which the
-report's paired bootstrap differences resample) and
+report's paired bootstrap differences resample; a model whose weights equal an evaluated one's (the front's
+eta = 0 and eta = 1 ends, the last iteration's merge = final/) reuses that row, marked same_as) and
 <run>/report/samples.json (SFT vs final continuations of the first eval prompts), then, unless --no-report,
 report.md, report.html, pareto.png and training.png (warp_dist.report). Assumes a filesystem every rank can read.
 """
@@ -103,6 +104,9 @@ def check_inputs(args, run: Path):
     return cfg, grid, baselines
 
 
+ROW_FIELDS = ("name", "kind", "iteration", "policy", "eta", "beta", "folder", "per_prompt", "same_as")
+
+
 def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=None, beta=None, folder=None,
         per_prompt: dict | None = None) -> dict:
     out = {"name": name, "kind": kind, "iteration": iteration, "policy": policy, "eta": eta, "beta": beta,
@@ -110,6 +114,20 @@ def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=No
     if per_prompt is not None:
         out["per_prompt"] = per_prompt
     return out
+
+
+def reused_row(src: dict, name: str, kind: str, **extra) -> dict:
+    """The row of a model whose weights equal those of the already evaluated `src` row: its metrics and per-prompt
+    values (evaluation is deterministic given the weights, the prompts and eval.seed), marked same_as."""
+    metrics = {k: v for k, v in src.items() if k not in ROW_FIELDS}
+    return {**row(name, kind, metrics, per_prompt=src.get("per_prompt"), **extra), "same_as": src["name"]}
+
+
+def same_weights(a, b, names: list[str]) -> bool:
+    """Whether two sources (name -> tensor) hold equal tensors under every name, read one tensor at a time."""
+    import torch
+
+    return all(torch.equal(a(n), b(n)) for n in names)
 
 
 def main(argv=None) -> int:
@@ -155,11 +173,19 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
         w = Warp(cfg, d, log=log)
         beta = cfg.train.beta
         rows: list[dict] = []
+        results: dict[str, object] = {}  # row name -> its evaluation result
 
-        def add(name, kind, state, sft_res, **extra):
+        def add(name, kind, state, sft_res, same_as: str | None = None, **extra):
+            """Evaluate `state`, or (same_as: the name of an evaluated row with the same weights) reuse that row."""
+            if same_as is not None:
+                rows.append(reused_row(next(r for r in rows if r["name"] == same_as), name, kind, **extra))
+                w.log(f"{name}: the same weights as {same_as} (its row reused)")
+                results[name] = results[same_as]
+                return results[name]
             res = w.evaluate_state(state, sft_res)
             rows.append(row(name, kind, res.metrics, per_prompt=res.per_prompt(), **extra))
             w.log(fmt_metrics(name, res.metrics))
+            results[name] = res
             return res
 
         w.log(f"eval: {run} on {len(w.eval_prompts)} held-out prompts, eval.seed={cfg.eval.seed}, "
@@ -177,16 +203,19 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
                     policy=int(p.name.split("_")[1]), beta=beta, folder=str(p))
             if (folder / "merged").is_dir():
                 merged = load_weights(folder / "merged", pw)
-                add(f"iter {it} merged", "merged", merged, sft, iteration=it, beta=beta, folder=str(folder / "merged"))
+                last = it == cfg.train.iterations and same_weights(merged, final, pw.names)  # final/ is this merge
+                add(f"iter {it} merged", "merged", merged, sft, same_as="final" if last else None, iteration=it,
+                    beta=beta, folder=str(folder / "merged"))
                 if args.iterations and it < cfg.train.iterations:  # the last merge is final/: its front comes below
                     for eta in grid:
                         add(f"iter {it} front eta={eta:g}", "front", lerp_source(w.sft.full, merged, eta),
-                            sft, iteration=it, eta=eta, beta=beta)
+                            sft, same_as={0.0: "sft", 1.0: f"iter {it} merged"}.get(eta), iteration=it, eta=eta,
+                            beta=beta)
                 del merged
             it += 1
-        for eta in grid:
+        for eta in grid:  # torch.lerp is exact at its ends: eta = 0 is the SFT model, eta = 1 the final one
             add(f"front eta={eta:g}", "front", lerp_source(w.sft.full, final, eta), sft,
-                iteration=cfg.train.iterations, eta=eta, beta=beta)
+                same_as={0.0: "sft", 1.0: "final"}.get(eta), iteration=cfg.train.iterations, eta=eta, beta=beta)
         for b, bcfg in baselines:
             add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", pw),
                 sft, beta=bcfg.train.beta, folder=str(b))

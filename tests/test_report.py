@@ -63,9 +63,11 @@ def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
     run, rows = finished
     assert isinstance(rows, list)
     by = _by_name(rows)
-    for end, ref in (("front eta=0", "sft"), ("front eta=1", "final")):
+    for end, ref in (("front eta=0", "sft"), ("front eta=1", "final")):  # same weights: the row is reused
+        assert by[end]["same_as"] == ref
         for key in KEYS:
             assert by[end][key] == by[ref][key], (end, key)
+    assert "same_as" not in by["front eta=0.5"] and "same_as" not in by["final"]
     assert by["front eta=0"]["identical_fraction"] == 1.0 and by["front eta=0"]["kl_mean"] == 0.0
     assert by["final"]["identical_fraction"] < 1.0
     # the trainer's own final evaluation (summary.json) is reproduced from the saved folders
@@ -94,8 +96,10 @@ def test_eval_rows_cover_policies_merges_fronts_and_baseline(finished):
     fronts = {(r["iteration"], r["eta"]) for r in rows if r["kind"] == "front"}
     assert fronts == {(it, e) for it in (1, 2) for e in (0.0, 0.5, 1.0)}  # --iterations: iteration 1's merge too
     by = _by_name(rows)
-    # the last iteration's merge is final/: same weights, same numbers
+    # the last iteration's merge is final/ (found equal tensor by tensor): its row is final's; iteration 1's is its own
+    assert by["iter 2 merged"]["same_as"] == "final" and "same_as" not in by["iter 1 merged"]
     assert all(by["iter 2 merged"][k] == by["final"][k] for k in KEYS)
+    assert by["iter 1 front eta=1"]["same_as"] == "iter 1 merged" and by["iter 1 front eta=0"]["same_as"] == "sft"
     # policies moved away from SFT, and the front is not flat
     assert all(r["kl_mean"] != 0.0 for r in rows if r["kind"] == "policy")
     assert by["front eta=0.5"]["identical_fraction"] < 1.0
@@ -210,6 +214,27 @@ def test_baseline_preset_is_valid_as_shipped():
 
 
 # ------------------------------------------------------------------------------------------ errors, grid
+def test_reuse_rests_on_lerp_being_exact_at_its_ends():
+    """eval.py reuses the SFT / final rows for eta = 0 / 1: lerp_source must give exactly those tensors."""
+    import torch
+
+    from warp_dist.weights import dict_source, lerp_source
+
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(257, 33, generator=g) * 1e3, "b": torch.tensor([0.0, -0.0, 1e-38, -3e38, 7.0])}
+    b = {"w": torch.randn(257, 33, generator=g) * 1e-3, "b": torch.tensor([-0.0, 5.0, 3e38, 1e-40, 7.0])}
+    sa, sb = dict_source(a), dict_source(b)
+    mod = _eval_module()
+    assert mod.same_weights(lerp_source(sa, sb, 0.0), sa, list(a))
+    assert mod.same_weights(lerp_source(sa, sb, 1.0), sb, list(a))
+    assert not mod.same_weights(lerp_source(sa, sb, 0.5), sb, list(a))
+    src = {"name": "final", "kind": "final", "iteration": 2, "policy": None, "eta": 1.0, "beta": 0.1, "folder": "f",
+           "reward_mean": 0.5, "per_prompt": {"reward": [0.5]}}
+    r = mod.reused_row(src, "front eta=1", "front", iteration=2, eta=1.0, beta=0.1)
+    assert r["same_as"] == "final" and r["kind"] == "front" and r["folder"] is None
+    assert r["reward_mean"] == 0.5 and r["per_prompt"] == {"reward": [0.5]}
+
+
 def test_eta_grid_parsing():
     ev = _eval_module()
     assert ev.parse_grid("0,0.1,...,1") == [round(0.1 * i, 10) for i in range(11)]

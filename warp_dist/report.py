@@ -235,7 +235,7 @@ def judge_name(rows: list[dict]) -> str:
 def metrics_table(rows: list[dict]) -> list[list[str]]:
     head = ["model", "kind", "eta", "beta", "reward [95% CI]", "reward std", "KL to SFT [95% CI]",
             f"judge: {judge_name(rows)} [95% CI]", "identical to SFT", "mean length", "distinct-1", "distinct-2"]
-    body = [[r["name"], r["kind"], _fmt(r.get("eta"), "g"), _fmt(r.get("beta"), "g"), _with_ci(r, "reward"),
+    body = [[r["name"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), r["kind"], _fmt(r.get("eta"), "g"), _fmt(r.get("beta"), "g"), _with_ci(r, "reward"),
              _fmt(r["reward_std"]), _with_ci(r, "kl", ".3f"), _with_ci(r, "judge"),
              _fmt(r["identical_fraction"], ".2f"), _fmt(r["length_mean"], ".1f"), _fmt(r.get("distinct_1")),
              _fmt(r.get("distinct_2"))] for r in rows]
@@ -379,7 +379,8 @@ def build_report(run_dir: str | Path) -> Path:
     note = ("KL is the Monte-Carlo estimate of KL(pi || pi_SFT) per completion; 'identical to SFT' is the share of "
             "prompts whose continuation equals the SFT model's under the same seed; the judge scores the same texts "
             "independently of the reward (a reward rising while the judge does not is reward hacking); distinct-n is "
-            "unique / total token n-grams over all completions. [95% CI]: Student-t interval of the mean over "
+            "unique / total token n-grams over all completions; '(= X)': the same weights as X, whose numbers it "
+            "reuses. [95% CI]: Student-t interval of the mean over "
             "prompts. Paired differences resample prompts with replacement (2000 resamples, seed 0), both models' "
             "values of a prompt together; 'excludes 0' = the interval lies on one side of zero. Produced by "
             f"`python launch/eval.py --run {run}`.")
