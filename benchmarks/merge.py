@@ -79,6 +79,20 @@ def with_noise(init, seed: int):
     return out
 
 
+def cast_state(state, dtype):
+    """Float tensors cast to dtype, one cast per storage (tied tensors stay tied)."""
+    from warp_dist import merging
+
+    done = {}
+    out = {}
+    for k, v in state.items():
+        key = merging.storage_key(v)
+        if key not in done:
+            done[key] = v.to(dtype) if v.is_floating_point() else v
+        out[k] = done[key]
+    return out
+
+
 def real_state(model: str):
     from warp_dist.models import load_causal_lm, resolve_model_path
 
@@ -141,7 +155,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
             got = {}
             distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
-                                 lambda n: init[n].reshape(-1).float(), sources,
+                                 lambda n: init[n].reshape(-1), sources,
                                  lambda name, i, ps: merging.merge_pass(i, ps, args.lam, args.eta),
                                  lambda n, full: got.__setitem__(n, full))
             return got
@@ -209,7 +223,7 @@ def main(argv=None) -> dict:
         cast = getattr(torch, dt)
         for label, make in ((args.model, lambda: real_state(args.model)),
                             (f"synthetic {n} x [{dim}, {dim}]", lambda: synthetic_state(n, dim, args.seed))):
-            init = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in make().items()}
+            init = cast_state(make(), cast)
             pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
             rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", init, pols, ms, args)]
             del init, pols

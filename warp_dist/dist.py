@@ -191,10 +191,11 @@ TensorSource = Callable[[str], torch.Tensor]
 
 
 def gather_full_at_zero(d: Dist, part: torch.Tensor, numel: int, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Rank 0 assembles a full fp32 tensor from the equal-sized slices held by the ranks of group 0 (every rank of
-    group 0 calls this; other ranks must not). Returns the tensor on rank 0, None elsewhere."""
-    if d.group_size == 1:
-        return part.float().view(shape) if d.is_main else None
+    """Rank 0 assembles a full tensor from the equal-sized slices held by the ranks of group 0 (every rank of group 0
+    calls this; other ranks must not): fp32 when gathered, the slice's own dtype when group 0 is rank 0 alone.
+    Returns the tensor on rank 0, None elsewhere."""
+    if d.group_size == 1:  # no communication: the part as it is (merge_pass reads any float dtype)
+        return part.view(shape) if d.is_main else None
     t = d.comm_tensor(part.float().contiguous())
     if not d.is_main:
         tdist.gather(t, None, dst=0, group=d.groups[0])
@@ -223,8 +224,10 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
     leaders = {m: d.topo.leader_of_policy(m) for m in range(M)}
     mine = {m: src for m, src in sources.items() if leaders[m] == d.rank}
 
-    def fetch_local(name):
-        return {m: src(name).to(torch.float32).contiguous() for m, src in mine.items()}
+    def fetch_local(name, fp32: bool):
+        """This rank's policies' tensors: fp32 to send (every receive buffer is fp32), as stored on rank 0 (merge_pass
+        reads any float dtype chunk by chunk: no whole-tensor conversion)."""
+        return {m: (src(name).to(torch.float32) if fp32 else src(name)).contiguous() for m, src in mine.items()}
 
     def post(name):
         """Start moving `name`'s policies to rank 0: (rank 0) receive handles + buffers, (leaders) send handles."""
@@ -237,7 +240,7 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
                     bufs[m] = d.comm_tensor(torch.empty(shapes[name], dtype=torch.float32))
                     works.append(tdist.irecv(bufs[m], src=leaders[m], tag=m))
             return bufs, works
-        local = fetch_local(name)
+        local = fetch_local(name, fp32=True)
         sent = {m: d.comm_tensor(t) for m, t in local.items()}
         return sent, [tdist.isend(t, dst=0, tag=m) for m, t in sent.items()]
 
@@ -249,7 +252,7 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
         numel = int(torch.Size(shape).numel())
         init_full = gather_full_at_zero(d, init_part(name), numel, shape) if d.group_of_rank0() else None
         if d.is_main:
-            local = fetch_local(name)
+            local = fetch_local(name, fp32=False)
             if current is not None:
                 bufs, works = current
                 for w in works:
@@ -260,7 +263,8 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
             if on_main is not None:
                 on_main(name, init_full, slerp, nxt, policies, info)
             del policies, local, nxt
-            out = slerp.to(torch.float32).contiguous()
+            # broadcast buffers are fp32 on every rank; alone, theta_slerp stays in merge_fn's dtype (no copy)
+            out = slerp.to(torch.float32).contiguous() if d.active else slerp
         else:
             if current is not None:
                 for w in current[1]:
