@@ -32,6 +32,8 @@ install: $(STAMP)
 # (runs/sft-<hash>, runs/reward_model-<hash>): a second `make demo` skips them.
 DEMO_OUT ?= runs/demo
 DEMO_BETAS ?= 0.05,0.2
+DEMO_STEPS ?= 10
+DEMO_ETAS ?= 0,0.2,...,1
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
@@ -41,10 +43,10 @@ demo: install
 	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
 	stages="model.name=$$sft reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
-		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true $$stages $(ARGS) && \
+		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true train.steps=$(DEMO_STEPS) $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
-		--out $(DEMO_OUT)/baselines train.steps=25 progress=false $$stages
-	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --baselines $(DEMO_OUT)/baselines/beta_*
+		--out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false $$stages
+	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
