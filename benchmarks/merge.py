@@ -79,20 +79,6 @@ def with_noise(init, seed: int):
     return out
 
 
-def cast_state(state, dtype):
-    """Float tensors cast to dtype, one cast per storage (tied tensors stay tied)."""
-    from warp_dist import merging
-
-    done = {}
-    out = {}
-    for k, v in state.items():
-        key = merging.storage_key(v)
-        if key not in done:
-            done[key] = v.to(dtype) if v.is_floating_point() else v
-        out[k] = done[key]
-    return out
-
-
 def real_state(model: str):
     from warp_dist.models import load_causal_lm, resolve_model_path
 
@@ -210,6 +196,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from warp_dist import merging
+
     ms = common.int_list(args.policies)
     if not ms or min(ms) < 1:
         raise SystemExit("--policies: a comma list of M >= 1")
@@ -223,7 +211,7 @@ def main(argv=None) -> dict:
         cast = getattr(torch, dt)
         for label, make in ((args.model, lambda: real_state(args.model)),
                             (f"synthetic {n} x [{dim}, {dim}]", lambda: synthetic_state(n, dim, args.seed))):
-            init = cast_state(make(), cast)
+            init = merging.clone_state(make(), dtype=cast)  # tied tensors stay tied
             pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
             rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", init, pols, ms, args)]
             del init, pols

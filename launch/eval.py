@@ -123,6 +123,11 @@ def reused_row(src: dict, name: str, kind: str, **extra) -> dict:
     return {**row(name, kind, metrics, per_prompt=src.get("per_prompt"), **extra), "same_as": src["name"]}
 
 
+def front_end(eta: float, start: str, end: str) -> str | None:
+    """The row an eta-front point reuses: `start` at eta = 0, `end` at eta = 1 (torch.lerp is exact at its ends)."""
+    return {0.0: start, 1.0: end}.get(eta)
+
+
 def same_weights(a, b, names: list[str]) -> bool:
     """Whether two sources (name -> tensor) hold equal tensors under every name, read one tensor at a time."""
     import torch
@@ -209,13 +214,13 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
                 if args.iterations and it < cfg.train.iterations:  # the last merge is final/: its front comes below
                     for eta in grid:
                         add(f"iter {it} front eta={eta:g}", "front", lerp_source(w.sft.full, merged, eta),
-                            sft, same_as={0.0: "sft", 1.0: f"iter {it} merged"}.get(eta), iteration=it, eta=eta,
+                            sft, same_as=front_end(eta, "sft", f"iter {it} merged"), iteration=it, eta=eta,
                             beta=beta)
                 del merged
             it += 1
-        for eta in grid:  # torch.lerp is exact at its ends: eta = 0 is the SFT model, eta = 1 the final one
+        for eta in grid:
             add(f"front eta={eta:g}", "front", lerp_source(w.sft.full, final, eta), sft,
-                same_as={0.0: "sft", 1.0: "final"}.get(eta), iteration=cfg.train.iterations, eta=eta, beta=beta)
+                same_as=front_end(eta, "sft", "final"), iteration=cfg.train.iterations, eta=eta, beta=beta)
         for b, bcfg in baselines:
             add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", pw),
                 sft, beta=bcfg.train.beta, folder=str(b))

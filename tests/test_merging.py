@@ -250,6 +250,9 @@ def test_clone_state_keeps_ties_and_copies(gpt2):
     c["transformer.h.0.ln_1.weight"].zero_()
     assert torch.equal(sd["transformer.wte.weight"], before)
     assert torch.equal(gpt2.transformer.wte.weight.detach(), before)
+    h = clone_state(sd, dtype=torch.bfloat16)  # cast once per storage: still tied
+    assert h[TIED[0]] is h[TIED[1]] and all(v.dtype == torch.bfloat16 for v in h.values() if v.is_floating_point())
+    assert torch.equal(h["transformer.h.0.attn.c_attn.bias"], sd["transformer.h.0.attn.c_attn.bias"].bfloat16())
     assert gpt2.transformer.h[0].ln_1.weight.abs().sum().item() > 0
     # the tied partner followed the in-place change in the clone
     assert torch.equal(c["lm_head.weight"], before + 1.0)

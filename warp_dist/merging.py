@@ -206,14 +206,17 @@ def unique_names(state: dict[str, torch.Tensor]) -> list[str]:
     return names
 
 
-def clone_state(state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Detached copy of a state dict on `device` that keeps tied tensors tied (one copy per storage)."""
+def clone_state(state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Detached copy of a state dict on `device` (float tensors cast to `dtype` when given) that keeps tied tensors
+    tied (one copy per storage)."""
     copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, v in state.items():
         key = storage_key(v)
         if key not in copies:
-            copies[key] = v.detach().to(device, copy=True)
+            cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
+            copies[key] = v.detach().to(device, cast, copy=True)
         out[k] = copies[key]
     return out
 

@@ -235,7 +235,8 @@ def judge_name(rows: list[dict]) -> str:
 def metrics_table(rows: list[dict]) -> list[list[str]]:
     head = ["model", "kind", "eta", "beta", "reward [95% CI]", "reward std", "KL to SFT [95% CI]",
             f"judge: {judge_name(rows)} [95% CI]", "identical to SFT", "mean length", "distinct-1", "distinct-2"]
-    body = [[r["name"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), r["kind"], _fmt(r.get("eta"), "g"), _fmt(r.get("beta"), "g"), _with_ci(r, "reward"),
+    body = [[r["name"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), r["kind"], _fmt(r.get("eta"), "g"),
+             _fmt(r.get("beta"), "g"), _with_ci(r, "reward"),
              _fmt(r["reward_std"]), _with_ci(r, "kl", ".3f"), _with_ci(r, "judge"),
              _fmt(r["identical_fraction"], ".2f"), _fmt(r["length_mean"], ".1f"), _fmt(r.get("distinct_1")),
              _fmt(r.get("distinct_2"))] for r in rows]
