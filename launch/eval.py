@@ -37,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--iterations", action="store_true", help="also the eta front of every iteration's merge")
     ap.add_argument("--baselines", nargs="*", default=[], help="finished run folders of baselines (warp_dist.sweep)")
     ap.add_argument("--no-report", action="store_true", help="write eval.json only")
+    ap.add_argument("--recompute", action="store_true",
+                    help="evaluate every model, also those the training runs already evaluated (evals.json)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=64")
     return ap.parse_args(argv)
 
@@ -104,7 +106,7 @@ def check_inputs(args, run: Path):
     return cfg, grid, baselines
 
 
-ROW_FIELDS = ("name", "kind", "iteration", "policy", "eta", "beta", "folder", "per_prompt", "same_as")
+ROW_FIELDS = ("name", "kind", "iteration", "policy", "eta", "beta", "folder", "per_prompt", "same_as", "reused_from")
 
 
 def row(name: str, kind: str, metrics: dict, iteration=None, policy=None, eta=None, beta=None, folder=None,
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
 
 
 def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
-    from warp_dist import checkpoint
+    from warp_dist import checkpoint, evalcache
     from warp_dist import dist as distmod
     from warp_dist.runner import fail_rank, log, quiet_libraries
     from warp_dist.trainer import Warp, fmt_metrics, sample_rows
@@ -180,26 +182,46 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
         rows: list[dict] = []
         results: dict[str, object] = {}  # row name -> its evaluation result
 
-        def add(name, kind, state, sft_res, same_as: str | None = None, **extra):
-            """Evaluate `state`, or (same_as: the name of an evaluated row with the same weights) reuse that row."""
+        setting = evalcache.settings(cfg, False)
+        sft_digest = evalcache.folder_digest(w.model_path) if not args.recompute else None
+
+        def stored(store_run: Path, entry: str, folder: Path | None):
+            """The training run's own evaluation of `folder` (its evals.json), when it is exactly this one."""
+            if sft_digest is None:
+                return None
+            weights = sft_digest if folder is None else evalcache.folder_digest(folder)
+            return evalcache.Store(store_run).get(entry, setting, weights, sft_digest)
+
+        def add(name, kind, state, sft_res, same_as: str | None = None, cached=None, **extra):
+            """Evaluate `state`, or (same_as: the name of an evaluated row with the same weights) reuse that row, or
+            (cached: the training run's own result for these weights and settings) take that."""
             if same_as is not None:
                 rows.append(reused_row(next(r for r in rows if r["name"] == same_as), name, kind, **extra))
                 w.log(f"{name}: the same weights as {same_as} (its row reused)")
                 results[name] = results[same_as]
                 return results[name]
-            res = w.evaluate_state(state, sft_res)
-            rows.append(row(name, kind, res.metrics, per_prompt=res.per_prompt(), **extra))
+            if cached is not None:
+                res, origin = cached
+                w.log(f"{name}: evaluated by the training run, same weights and settings ({origin} reused)")
+            else:
+                res, origin = w.evaluate_state(state, sft_res), None
+            rows.append({**row(name, kind, res.metrics, per_prompt=res.per_prompt(), **extra),
+                         **({"reused_from": origin} if origin else {})})
             w.log(fmt_metrics(name, res.metrics))
             results[name] = res
             return res
 
+        def from_store(store_run: Path, entry: str, folder: Path | None):
+            res = stored(store_run, entry, folder)
+            return None if res is None else (res, str(store_run / evalcache.FILE) + f" [{entry}]")
+
         w.log(f"eval: {run} on {len(w.eval_prompts)} held-out prompts, eval.seed={cfg.eval.seed}, "
               f"{d.world_size} rank(s), eta grid {grid}")
         pw = w.policy.w
-        sft = add("sft", "sft", w.sft.full, None, iteration=0, eta=0.0)
+        sft = add("sft", "sft", w.sft.full, None, cached=from_store(run, "sft", None), iteration=0, eta=0.0)
         final = load_weights(run / "final", pw)
-        fin = add("final", "final", final, sft, iteration=cfg.train.iterations, eta=1.0, beta=beta,
-                  folder=str(run / "final"))
+        fin = add("final", "final", final, sft, cached=from_store(run, "final", run / "final"),
+                  iteration=cfg.train.iterations, eta=1.0, beta=beta, folder=str(run / "final"))
         it = 1
         while (run / f"iter_{it}").is_dir():
             folder = run / f"iter_{it}"
@@ -209,8 +231,9 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
             if (folder / "merged").is_dir():
                 merged = load_weights(folder / "merged", pw)
                 last = it == cfg.train.iterations and same_weights(merged, final, pw.names)  # final/ is this merge
-                add(f"iter {it} merged", "merged", merged, sft, same_as="final" if last else None, iteration=it,
-                    beta=beta, folder=str(folder / "merged"))
+                add(f"iter {it} merged", "merged", merged, sft, same_as="final" if last else None,
+                    cached=None if last else from_store(run, f"iter {it} merged", folder / "merged"),
+                    iteration=it, beta=beta, folder=str(folder / "merged"))
                 if args.iterations and it < cfg.train.iterations:  # the last merge is final/: its front comes below
                     for eta in grid:
                         add(f"iter {it} front eta={eta:g}", "front", lerp_source(w.sft.full, merged, eta),
@@ -223,7 +246,7 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
                 same_as=front_end(eta, "sft", "final"), iteration=cfg.train.iterations, eta=eta, beta=beta)
         for b, bcfg in baselines:
             add(f"{b.name} (REINFORCE beta={bcfg.train.beta:g})", "baseline", load_weights(b / "final", pw),
-                sft, beta=bcfg.train.beta, folder=str(b))
+                sft, cached=from_store(b, "final", b / "final"), beta=bcfg.train.beta, folder=str(b))
         w.close()
         if d.is_main:
             out = run / "report"

@@ -348,8 +348,8 @@ def test_overwrite_removes_every_file_of_the_old_run(run_copy):
     assert not (run_copy / "iter_1").exists()  # the new run keeps no iteration folders
     survivors = [p for p in run_copy.rglob("*") if p.is_file() and p.stat().st_mtime < 2_000_000]
     assert survivors == []
-    assert sorted(p.name for p in run_copy.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "summary.json",
-                                                          "tb"]  # tb/: log_with=tensorboard, the default
+    assert sorted(p.name for p in run_copy.iterdir()) == ["config.yaml", "evals.json", "final", "metrics.jsonl",
+                                                          "summary.json", "tb"]  # tb/: log_with=tensorboard, the default
     stored = load_config(run_copy / "config.yaml")
     assert stored.train.steps == 1 and stored.overwrite is True and stored.save_iterations is False
     train = [json.loads(x) for x in (run_copy / "metrics.jsonl").read_text().splitlines()]
@@ -396,7 +396,8 @@ def test_resume_accepts_the_same_config_and_rewrites_only_config_yaml(run_copy):
 
 
 def test_run_entries_and_removal(tmp_path):
-    names = ["config.yaml", "metrics.jsonl", "summary.json", "final", "iter_1", "iter_12", "checkpoints", "report",
+    names = ["config.yaml", "metrics.jsonl", "summary.json", "evals.json", "final", "iter_1", "iter_12", "checkpoints",
+             "report",
              ".final.tmpab12", ".config.yaml.x9k", ".iter_2.old"]
     foreign = ["notes.txt", "iter_x", "finals", ".cache", "config.yml"]
     for n in names + foreign:

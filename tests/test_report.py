@@ -70,12 +70,60 @@ def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
     assert "same_as" not in by["front eta=0.5"] and "same_as" not in by["final"]
     assert by["front eta=0"]["identical_fraction"] == 1.0 and by["front eta=0"]["kl_mean"] == 0.0
     assert by["final"]["identical_fraction"] < 1.0
-    # the trainer's own final evaluation (summary.json) is reproduced from the saved folders
+    # the training runs' own evaluations (evals.json: same weights, same settings) were taken, not redone
+    for name in ("sft", "final", "iter 1 merged", "beta_0.05 (REINFORCE beta=0.05)"):
+        assert by[name]["reused_from"].endswith("evals.json [" + ("sft" if name == "sft" else
+                                                                   "iter 1 merged" if "iter" in name else "final") + "]")
+    assert all("reused_from" not in r for r in rows if r["kind"] in ("policy", "front") and "same_as" not in r)
     summary = json.loads((run / "summary.json").read_text())
-    for model in ("sft", "final"):
-        for key in ("reward_mean", "reward_std", "identical_fraction", "length_mean", "num_prompts"):
-            assert by[model][key] == summary[model][key], (model, key)
-        assert by[model]["kl_mean"] == pytest.approx(summary[model]["kl_mean"], abs=1e-6)
+    assert by["final"]["reward_mean"] == summary["final"]["reward_mean"]
+
+
+def test_reused_rows_equal_recomputed_ones(finished, tmp_path):
+    """eval.py --recompute evaluates from the saved folders what the reused rows took from evals.json: the same
+    completions (samples), rewards, identical fractions; KL within float rounding."""
+    run, rows = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    base = run.parent / "baselines" / "beta_0.05"
+    _run([str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "1", "--recompute", "--no-report",
+          "--baselines", str(base)])
+    again = _by_name(json.loads((copy / "report" / "eval.json").read_text()))
+    by = _by_name(rows)
+    for name in ("sft", "final", "iter 1 merged", "beta_0.05 (REINFORCE beta=0.05)"):
+        assert "reused_from" in by[name] and "reused_from" not in again[name], name
+        for key in ("reward_mean", "reward_std", "identical_fraction", "length_mean", "num_prompts", "distinct_2"):
+            assert again[name][key] == by[name][key], (name, key)
+        assert again[name]["per_prompt"]["reward"] == by[name]["per_prompt"]["reward"], name
+        assert again[name]["kl_mean"] == pytest.approx(by[name]["kl_mean"], abs=1e-6), name
+    assert json.loads((copy / "report" / "samples.json").read_text()) == \
+        json.loads((run / "report" / "samples.json").read_text())
+
+
+def test_eval_store_reuses_only_the_same_weights_and_settings(tmp_path):
+    from warp_dist import evalcache
+    from warp_dist.config import load_config
+    from warp_dist.evaluation import EvalResult
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"abc")
+    assert evalcache.folder_digest(tmp_path / "nothing") is None and evalcache.folder_digest(tmp_path) is None
+    dg = evalcache.folder_digest(folder)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [])
+    setting = evalcache.settings(cfg, False)
+    res = EvalResult({"reward_mean": 0.5}, [[1, 2]], ["x"], [0.5], [0.1], None)
+    evalcache.write(tmp_path, setting, {"final": (dg, res), "gone": (None, res)}, "sft-digest")
+    store = evalcache.Store(tmp_path)
+    assert store.get("final", setting, dg, "sft-digest") == res and store.get("gone", setting, dg, "sft-digest") is None
+    assert store.get("final", setting, dg, "other-sft") is None
+    assert store.get("final", evalcache.settings(cfg, True), dg, "sft-digest") is None  # DeepSpeed-trained
+    other = load_config(ROOT / "configs" / "tiny.yaml", ["data.num_eval_prompts=32"])
+    assert store.get("final", evalcache.settings(other, False), dg, "sft-digest") is None
+    (folder / "model.safetensors").write_bytes(b"abd")  # the same folder, other weights
+    assert store.get("final", setting, evalcache.folder_digest(folder), "sft-digest") is None
+    (tmp_path / evalcache.FILE).write_text("{not json")
+    assert evalcache.Store(tmp_path).get("final", setting, dg, "sft-digest") is None
 
 
 def test_eval_rows_cover_policies_merges_fronts_and_baseline(finished):
@@ -271,7 +319,8 @@ def test_eval_on_two_ranks_matches_one(finished, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "iter_*"))
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "0,1", "--no-report", "cpu=true"]
+           str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "0,1", "--no-report", "--recompute",
+           "cpu=true"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]

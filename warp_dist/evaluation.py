@@ -39,6 +39,16 @@ class EvalResult:
         return {"reward": list(self.rewards), "kl": list(self.kls),
                 "judge": None if self.judges is None else list(self.judges)}
 
+    def to_json(self) -> dict:
+        """As plain JSON (it goes into checkpoint positions and the run's evals.json)."""
+        return {"metrics": self.metrics, "completions": self.completions, "texts": self.texts,
+                "rewards": self.rewards, "kls": self.kls, "judges": self.judges}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalResult:
+        return cls(data["metrics"], data["completions"], data["texts"], data["rewards"], data.get("kls", []),
+                   data.get("judges"))
+
 
 def interval_metrics(prefix: str, values: list[float]) -> dict:
     """<prefix>_ci_low / <prefix>_ci_high: the 95 % t-interval of the mean of `values`."""

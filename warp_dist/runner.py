@@ -30,7 +30,7 @@ class RunDirError(ValueError):
 
 # What a run writes at the top of output_dir (launch/eval.py adds report/, `make demo` baselines/); a folder holding
 # any of these holds a run. Atomic writes leave `.<name>.<suffix>` temp names (checkpoint.py) while they work.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "evals.json")
 RUN_DIRS = ("final", "checkpoints", "state", "tb", "report", "baselines")
 _NAMES = "|".join([*(re.escape(n) for n in RUN_FILES + RUN_DIRS), r"iter_\d+"])
 _RUN_NAME = re.compile(f"(?:{_NAMES})")

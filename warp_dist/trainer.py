@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, faults, merging, rl, sampling, stats
+from . import checkpoint, evalcache, faults, merging, rl, sampling, stats
 from . import dist as distmod
 from .config import WarpConfig
 from .data import decode_pairs, load_prompts
@@ -481,9 +481,9 @@ class Warp:
             ev = self.evaluate_state(self.sft.full, None)
             self.record({"kind": "eval", "model": "sft", "iteration": 0, **ev.metrics})
             self.log(fmt_metrics("SFT", ev.metrics))
-            pos["sft_eval"] = pack_eval(ev)
+            pos["sft_eval"] = ev.to_json()
             self.checkpoint("sft evaluated")
-        sft_eval = unpack_eval(pos["sft_eval"])
+        sft_eval = EvalResult.from_json(pos["sft_eval"])
         mine = d.topo.policies_of(d.rank)
         for it in range(pos["iteration"], tc.iterations + 1):
             pos["iteration"] = it
@@ -535,7 +535,9 @@ class Warp:
                     self.record({"kind": "eval", "model": "final" if last else "slerp", "iteration": it, **ev.metrics})
                     self.log(fmt_metrics("WARP final" if last else f"iter {it} slerp", ev.metrics))
                     if last:
-                        pos["final_eval"] = pack_eval(ev)
+                        pos["final_eval"] = ev.to_json()
+                    else:  # kept for evals.json (launch/eval.py reuses it for iter_<i>/merged)
+                        pos.setdefault("slerp_evals", {})[str(it)] = ev.to_json()
                 pos["evaluated"] = it
                 pos["iteration"] = it + 1
                 self.checkpoint("evaluated")
@@ -545,7 +547,7 @@ class Warp:
         """final/ (the last theta_slerp), summary.json, and the run state removed: the run is complete."""
         cfg, d, tc = self.cfg, self.dist, self.cfg.train
         out = Path(cfg.output_dir)
-        final_eval = unpack_eval(pos["final_eval"])
+        final_eval = EvalResult.from_json(pos["final_eval"])
         final_dist = pos["slerp_distance_to_sft"]
         if final_dist == 0.0:
             raise NoProgressError("the final weights are identical to the SFT weights: nothing was learned")
@@ -564,12 +566,26 @@ class Warp:
             slerp = SafeFile(self.state_dir / "blobs" / f"iter{tc.iterations}_slerp.safetensors")
             self.save_model(out / "final", lambda n: slerp.get(n))
             slerp.close()
+            self.write_evals(out, pos, sft_eval, final_eval)
             checkpoint.write_json(out / "summary.json", summary)
         d.barrier()
         self.close()
         if self.is_main:  # the run is complete: its resumable state is no longer needed (final/ is the result)
             checkpoint.remove_tree(self.state_dir)
         return summary
+
+    def write_evals(self, out: Path, pos: dict, sft_eval: EvalResult, final_eval: EvalResult) -> None:
+        """<run>/evals.json (warp_dist.evalcache): this run's evaluations, keyed by the weights they measured, for
+        launch/eval.py to reuse. Saved folders count only when written in float32 (what was evaluated, exactly)."""
+        cfg = self.cfg
+        exact = (cfg.save_dtype or cfg.model.dtype) == "float32"
+        entries = {"sft": (evalcache.folder_digest(self.model_path), sft_eval)}
+        if exact:
+            entries["final"] = (evalcache.folder_digest(out / "final"), final_eval)
+            for it, packed in pos.get("slerp_evals", {}).items():
+                entries[f"iter {it} merged"] = (evalcache.folder_digest(out / f"iter_{it}" / "merged"),
+                                                EvalResult.from_json(packed))
+        evalcache.write(out, evalcache.settings(cfg, bool(cfg.train.deepspeed)), entries, entries["sft"][0])
 
     # ---------------------------------------------------------------- checkpoints and resume
     def start_position(self) -> dict:
@@ -796,17 +812,6 @@ def weighted_quantiles(values: list[tuple[float, int]]) -> dict:
             median = v
             break
     return {"min": vs[0][0], "median": median, "max": vs[-1][0]}
-
-
-def pack_eval(ev: EvalResult) -> dict:
-    """An evaluation result as plain JSON (it goes into the checkpoint's position)."""
-    return {"metrics": ev.metrics, "completions": ev.completions, "texts": ev.texts, "rewards": ev.rewards,
-            "kls": ev.kls, "judges": ev.judges}
-
-
-def unpack_eval(data: dict) -> EvalResult:
-    return EvalResult(data["metrics"], data["completions"], data["texts"], data["rewards"], data.get("kls", []),
-                      data.get("judges"))
 
 
 def paired_differences(a: EvalResult, b: EvalResult) -> dict:
