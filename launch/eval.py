@@ -10,7 +10,9 @@ config.yaml (e.g. eval.batch_size=64 data.num_eval_prompts=256 rollout.backend=h
 <run>/report/eval.json (a list of rows: name, kind, iteration, policy, eta, beta, folder + the metrics, with 95 %
 intervals, the judge's score and distinct-n, + per_prompt: {reward, kl, judge} lists in prompt order, which the
 report's paired bootstrap differences resample; a model whose weights equal an evaluated one's (the front's
-eta = 0 and eta = 1 ends, the last iteration's merge = final/) reuses that row, marked same_as) and
+eta = 0 and eta = 1 ends, the last iteration's merge = final/) reuses that row, marked same_as; a model the training
+run or a baseline run already evaluated with the same weights, SFT model and settings takes that run's result from
+its evals.json, marked reused_from, unless --recompute) and
 <run>/report/samples.json (SFT vs final continuations of the first eval prompts), then, unless --no-report,
 report.md, report.html, pareto.png and training.png (warp_dist.report). Assumes a filesystem every rank can read.
 """
