@@ -330,7 +330,7 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 def test_a_folder_holding_a_run_is_refused_and_left_unchanged(run_copy):
     before = _tree(run_copy)
-    expected = (f"error: output_dir='{run_copy}' already holds a run (config.yaml, final/, iter_1/, metrics.jsonl, "
+    expected = (f"error: output_dir='{run_copy}' already holds a run (config.yaml, evals.json, final/, iter_1/, "
                 "...): add resume=true to continue it, overwrite=true to replace it, or choose another output_dir")
     assert one_line(launch(f"output_dir={run_copy}", "train.steps=3")) == expected  # another config
     assert one_line(launch(f"output_dir={run_copy}", *RUN_ARGS)) == expected  # the same config again
