@@ -186,13 +186,22 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
 
         setting = evalcache.settings(cfg, False)
         sft_digest = evalcache.folder_digest(w.model_path) if not args.recompute else None
+        stores: dict[Path, evalcache.Store] = {}  # run folder -> its evals.json, read once
 
-        def stored(store_run: Path, entry: str, folder: Path | None):
-            """The training run's own evaluation of `folder` (its evals.json), when it is exactly this one."""
+        def from_store(store_run: Path, entry: str, folder: Path | None):
+            """(result, origin) of the training run's own evaluation `entry` of `folder` (None: the SFT model), when
+            its evals.json holds one for exactly these weights and settings; else None. Folders are hashed only
+            when there is an entry to check them against."""
             if sft_digest is None:
                 return None
+            if store_run not in stores:
+                stores[store_run] = evalcache.Store(store_run)
+            store = stores[store_run]
+            if entry not in store.results:
+                return None
             weights = sft_digest if folder is None else evalcache.folder_digest(folder)
-            return evalcache.Store(store_run).get(entry, setting, weights, sft_digest)
+            res = store.get(entry, setting, weights, sft_digest)
+            return None if res is None else (res, f"{store.path} [{entry}]")
 
         def add(name, kind, state, sft_res, same_as: str | None = None, cached=None, **extra):
             """Evaluate `state`, or (same_as: the name of an evaluated row with the same weights) reuse that row, or
@@ -212,10 +221,6 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
             w.log(fmt_metrics(name, res.metrics))
             results[name] = res
             return res
-
-        def from_store(store_run: Path, entry: str, folder: Path | None):
-            res = stored(store_run, entry, folder)
-            return None if res is None else (res, str(store_run / evalcache.FILE) + f" [{entry}]")
 
         w.log(f"eval: {run} on {len(w.eval_prompts)} held-out prompts, eval.seed={cfg.eval.seed}, "
               f"{d.world_size} rank(s), eta grid {grid}")

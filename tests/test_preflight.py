@@ -397,8 +397,7 @@ def test_resume_accepts_the_same_config_and_rewrites_only_config_yaml(run_copy):
 
 def test_run_entries_and_removal(tmp_path):
     names = ["config.yaml", "metrics.jsonl", "summary.json", "evals.json", "final", "iter_1", "iter_12", "checkpoints",
-             "report",
-             ".final.tmpab12", ".config.yaml.x9k", ".iter_2.old"]
+             "report", ".final.tmpab12", ".config.yaml.x9k", ".iter_2.old"]
     foreign = ["notes.txt", "iter_x", "finals", ".cache", "config.yml"]
     for n in names + foreign:
         assert is_run_entry(n) == (n in names), n

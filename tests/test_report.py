@@ -71,9 +71,10 @@ def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
     assert by["front eta=0"]["identical_fraction"] == 1.0 and by["front eta=0"]["kl_mean"] == 0.0
     assert by["final"]["identical_fraction"] < 1.0
     # the training runs' own evaluations (evals.json: same weights, same settings) were taken, not redone
-    for name in ("sft", "final", "iter 1 merged", "beta_0.05 (REINFORCE beta=0.05)"):
-        assert by[name]["reused_from"].endswith("evals.json [" + ("sft" if name == "sft" else
-                                                                   "iter 1 merged" if "iter" in name else "final") + "]")
+    entries = {"sft": "sft", "final": "final", "iter 1 merged": "iter 1 merged",
+               "beta_0.05 (REINFORCE beta=0.05)": "final"}  # row -> the entry of its run's evals.json
+    for name, entry in entries.items():
+        assert by[name]["reused_from"].endswith(f"evals.json [{entry}]"), name
     assert all("reused_from" not in r for r in rows if r["kind"] in ("policy", "front") and "same_as" not in r)
     summary = json.loads((run / "summary.json").read_text())
     assert by["final"]["reward_mean"] == summary["final"]["reward_mean"]
