@@ -32,17 +32,17 @@ from benchmarks import common  # noqa: E402
 NAME = "e2e"
 PRESETS = {
     "tiny": dict(config="configs/tiny.yaml", model="", backend="", ranks="1", iterations=2, policies=2, steps=2,
-                 batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300, reward=""),
+                 batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300, reward="", dtype=""),
     # the demo's shape and length (I = 2, M = 2, T = 25, 16 prompts x 24 tokens, 64 eval prompts), project on 1 and 2
     # ranks; the model and reward of the embedded default (SmolLM2-135M, VADER) so it needs no pipeline stage first
     "cpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="1,2", iterations=2,
                 policies=2, steps=25, batch_size=16, new_tokens=24, eval_prompts=64, eval_batch=32, timeout=3600,
-                reward="vader"),
+                reward="vader", dtype=""),
     "gpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="2", iterations=2,
                 policies=2, steps=25, batch_size=32, new_tokens=48, eval_prompts=128, eval_batch=32, timeout=3600,
-                reward="vader"),
+                reward="vader", dtype=""),
 }
-COLUMNS = ["config", "I x M x T", "batch x tokens", "project (ranks, backend)", "project wall s", "naive wall s",
+COLUMNS = ["config", "I x M x T", "batch x tokens", "project (ranks, backend, dtype)", "project wall s", "naive wall s",
            "naive / project wall", "project run s", "naive run s", "naive / project run",
            "final reward project (SFT)", "final reward naive (SFT)", "KL project", "KL naive"]
 
@@ -54,6 +54,8 @@ def parse_args(argv):
     ap.add_argument("--backend", default=None, help="override rollout.backend for the project run ('' = config's)")
     ap.add_argument("--ranks", default=None, help="comma list: ranks of each project run (1 = plain python)")
     ap.add_argument("--reward", default=None, help="override reward.kind ('' = the config's)")
+    ap.add_argument("--dtype", default=None, help="the project's model.dtype: float32 | bfloat16 ('' = the config's; "
+                    "the naive loop is always fp32)")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--policies", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -122,6 +124,8 @@ def build_config(args, out_dir: Path):
         ov.append(f"rollout.backend={args.backend}")
     if args.reward:
         ov.append(f"reward.kind={args.reward}")
+    if args.dtype:
+        ov.append(f"model.dtype={args.dtype}")
     return load_config(ROOT / args.config, ov)
 
 
@@ -130,7 +134,7 @@ def table(res: dict) -> list[list[str]]:
     rows = []
     for p in res.get("projects", [res["project"]]):
         rows.append([c["config"], f"{c['iterations']} x {c['policies']} x {c['steps']}",
-                     f"{c['batch_size']} x {c['new_tokens']}", f"{p['world_size']}, {c['backend']}",
+                     f"{c['batch_size']} x {c['new_tokens']}", f"{p['world_size']}, {c['backend']}, {c.get('dtype', 'float32')}",
                      common.fmt(p["wall_s"]), common.fmt(n["wall_s"]), common.fmt_ratio(n["wall_s"] / p["wall_s"]),
                      common.fmt(p["run_s"]), common.fmt(n["run_s"]), common.fmt_ratio(n["run_s"] / p["run_s"]),
                      f"{p['final_reward_mean']:+.4f} ({p['sft_reward_mean']:+.4f})",
@@ -191,7 +195,7 @@ def main(argv=None) -> dict:
           "weight_distance_to_sft": naive["final"]["weight_distance_to_sft"]}
     nv["reward_gain"] = nv["final_reward_mean"] - nv["sft_reward_mean"]
     res = {
-        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "ranks": ranks_list[0],
+        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "dtype": cfg.model.dtype, "ranks": ranks_list[0],
                    "ranks_list": ranks_list, "reward": cfg.reward.kind,
                    "iterations": args.iterations, "policies": args.policies, "steps": args.steps,
                    "batch_size": args.batch_size, "new_tokens": args.new_tokens, "eval_prompts": args.eval_prompts,

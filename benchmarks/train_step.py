@@ -8,8 +8,9 @@ naive:    benchmarks/naive.py `NaiveWarp.step` — HF `generate`, fp32, full-seq
 project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
           backend), `fp32-vllm`, `bf16-vllm` (bf16 autocast compute with fp32 master weights and EMA, vLLM rollouts:
           the demo's setting). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
-          one after the other in this process; every step samples exactly --new-tokens tokens (min = max) so the
-          work per step is fixed. Step 1 of each is a warm-up; the table shows medians over the timed steps.
+          one after the other, each in a fresh `python` process (--in-process: all in this one; an earlier run's
+          engines and allocator state then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s alone); every step samples exactly
+          --new-tokens tokens (min = max) so the work per step is fixed. Step 1 of each is a warm-up; the table shows medians over the timed steps.
 Columns: generate / score (reward) / train (forward, anchor forward, backward, optimizer, EMA) / weight push (into
 the rollout engine; none for naive and HF) / step, tokens per second of the whole step, and step / naive step (the
 goal of the speed issue is <= 0.5x). Quality is checked by benchmarks/e2e.py (final rewards of a whole run).
@@ -17,7 +18,10 @@ goal of the speed issue is <= 0.5x). Quality is checked by benchmarks/e2e.py (fi
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -54,6 +58,13 @@ def parse_args(argv):
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps per run; the first is the warm-up")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive loop")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the naive loop and every variant in this process, one after another (default: each in "
+                         "a fresh process, so no run inherits an earlier one's engines, threads or allocator state)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the parts of the train phase (policy forward, anchor forward, backward + clip + "
+                         "optimizer, EMA) and of the push, per call; medians go to each run's 'breakdown_s'")
     args = common.apply_preset(ap.parse_args(argv), PRESETS)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (step 1 is the warm-up)")
@@ -121,6 +132,9 @@ def bench_variant(args, name: str) -> dict:
         t0 = time.perf_counter()
         w = Warp(cfg, log=lambda *_: None)
         setup_s = time.perf_counter() - t0
+        parts: dict[str, list[float]] = {}
+        if args.breakdown:
+            timed_calls(w, parts)
         try:
             w.policy.begin(w.init)
             w.reference.load_(w.init.part, "ema")
@@ -138,8 +152,44 @@ def bench_variant(args, name: str) -> dict:
             w.close()
     out = summarize(steps)
     out["setup_s"] = setup_s
+    if parts:  # the first step's calls (and the push before it) are the warm-up
+        out["breakdown_s"] = {k: statistics.median(v[-(args.steps - 1):]) for k, v in parts.items()}
     gc.collect()
     return out
+
+
+def run_child(args, argv, name: str) -> dict:
+    """One run (the naive loop or a variant) in a fresh `python` process with this command's settings."""
+    with tempfile.TemporaryDirectory(prefix="warp_bench_step_child_") as tmp:
+        out = Path(tmp) / "run.json"
+        given = list(sys.argv[1:] if argv is None else argv)
+        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{name}={out}",
+               "--out", str(Path(tmp) / "ignored.json")]
+        proc = subprocess.run(cmd, cwd=ROOT, env=common.subprocess_env(), capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
+            raise RuntimeError(f"train_step run {name!r} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def timed_calls(w, parts: dict[str, list[float]]) -> None:
+    """Wrap the trainer's forward passes, optimizer step, EMA update and weight push with wall-clock timers."""
+    def wrap(obj, attr, key):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                parts.setdefault(key, []).append(time.perf_counter() - t0)
+        setattr(obj, attr, timed)
+
+    wrap(w.policy, "loss_logits", "policy forward")
+    wrap(w.reference, "logits", "anchor forward")
+    wrap(w.policy, "step", "backward + clip + optimizer")
+    wrap(w.reference, "ema_update_", "EMA update")
+    wrap(w.backend, "update_weights", "weight push")
 
 
 def table(res: dict) -> list[list[str]]:
@@ -162,14 +212,21 @@ def main(argv=None) -> dict:
     import torch
 
     torch.manual_seed(args.seed)
+    if args.child:  # one run, in the fresh process the parent started; its result goes to a JSON file
+        name, out = args.child.split("=", 1)
+        res = bench_naive(args) if name == "naive" else bench_variant(args, name)
+        common.write_json_atomic(out, res)
+        return res
     runs = {}
-    if not args.no_naive:
-        runs["naive"] = bench_naive(args)
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if VARIANTS[name][1] == "vllm" and common.vllm_import_error() is not None:
+    names = ([] if args.no_naive else ["naive"]) + [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:
+        if name != "naive" and VARIANTS[name][1] == "vllm" and common.vllm_import_error() is not None:
             runs[name] = {"skipped": f"vLLM not importable ({common.vllm_import_error()})"}
-            continue
-        runs[name] = bench_variant(args, name)
+        elif args.in_process:
+            torch.manual_seed(args.seed)
+            runs[name] = bench_naive(args) if name == "naive" else bench_variant(args, name)
+        else:
+            runs[name] = run_child(args, argv, name)
     naive = runs.get("naive", {})
     ratios = {name: r["step_s"] / naive["step_s"] for name, r in runs.items()
               if name != "naive" and "step_s" in r and "step_s" in naive}
@@ -182,6 +239,9 @@ def main(argv=None) -> dict:
         "notes": "medians over the timed steps (step 1 of every run left out); every run samples the same prompts",
     }
     res["rows"] = table(res)
+    for name, r in runs.items():
+        if "breakdown_s" in r:
+            print(f"{name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["breakdown_s"].items()), flush=True)
     return common.finish(NAME, args, argv, res, COLUMNS, res["rows"])
 
 

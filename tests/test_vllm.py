@@ -197,6 +197,68 @@ def test_two_ranks_each_with_an_engine(tiny_model_path, tmp_path):
         assert not set(res[0]["cores"]) & set(res[1]["cores"]), (res[0]["cores"], res[1]["cores"])
 
 
+BF16_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from warp_dist.config import VllmConfig
+    from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
+    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.vllm import VllmBackend
+
+    out, path = sys.argv[1], sys.argv[2]
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path)  # fp32, as the trainer holds it
+    engine = VllmBackend(path, tok, VllmConfig(), dtype="bfloat16", max_seqs=8, max_len=64,
+                         eos_ids=eos_token_ids(tok, path))
+    prompts = [tok(t)["input_ids"] for t in ["This movie was", "I hated every minute of", "A"]]
+    s = SamplingConfig(max_new_tokens=12, min_new_tokens=12)
+
+    def sample(version):
+        g = engine.generate(prompts, s, seed=5, version=version)
+        return g.completion_ids, g.sampler_logprobs
+
+    def engine_wte(worker):
+        return dict(worker.model_runner.model.named_parameters())["transformer.wte.weight"].detach().clone()
+
+    before = sample(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    engine.update_weights(lambda: iter(model.state_dict().items()), 1)  # fp32 tensors into a bf16 engine
+    fp32_in = sample(1)
+    wte = engine.llm.collective_rpc(engine_wte)[0]
+    cast = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    engine.update_weights(lambda: iter(cast.items()), 2)  # the same weights cast to bf16 first
+    bf16_in = sample(2)
+    res = dict(before=before, fp32_in=fp32_in, bf16_in=bf16_in, wte_dtype=str(wte.dtype),
+               wte_equal=bool(torch.equal(wte, model.transformer.wte.weight.detach().bfloat16())))
+    engine.close()
+    with open(out, "w") as fh:
+        json.dump(res, fh)
+""")
+
+
+def test_bf16_engine_takes_fp32_weights_without_a_cast_copy(tiny_model_path, tmp_path):
+    """update_weights streams the fp32 tensors as they are; vLLM's loaders convert them into the bf16 engine's own
+    parameters: the engine then holds the bf16 rounding of the weights and samples the tokens a push of pre-cast
+    bf16 tensors samples."""
+    script, out = tmp_path / "bf16_push.py", tmp_path / "bf16_push.json"
+    script.write_text(BF16_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(out), tiny_model_path], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["wte_dtype"] == "torch.bfloat16" and res["wte_equal"]
+    assert res["fp32_in"][0] == res["bf16_in"][0]  # the same tokens
+    # the same log-probs up to the small tensors vLLM-CPU keeps in fp32 (biases of its AMX kernels), which an fp32
+    # push keeps exact and a pre-cast one rounds to bf16
+    gap = max(abs(a - b) for x, y in zip(res["fp32_in"][1], res["bf16_in"][1], strict=True)
+              for a, b in zip(x, y, strict=True))
+    assert gap < 0.15, gap
+    assert res["fp32_in"][0] != res["before"][0]  # the push changed what the engine samples
+
+
 def test_rollout_benchmark_tiny(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.rollout import main

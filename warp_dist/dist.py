@@ -136,14 +136,16 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_pr
                 device, topo, groups[topo.group_of(rank)], groups, solos[rank])
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
+def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 0) -> bool:
     """Make freed tensor memory go back to the OS (glibc malloc), so a rank's resident memory follows what it holds.
 
-    ZeRO-3 gathers and frees each layer's weights on every forward; with glibc's defaults the freed blocks (a few MB
-    each) stay in the heap of whichever thread allocated them, and a rank's RSS grew by ~1 GB over one evaluation of
-    SmolLM2 while it held no more tensors. Allocations >= `mmap_threshold` (1 MiB; the trainer lowers it to 256 KiB
-    under ZeRO-3, whose per-layer partitions are smaller, at the cost of ~5-8 % of a CPU training step) are then
-    mmapped (returned on free) and at most two arenas are used. Skipped when the user set MALLOC_MMAP_THRESHOLD_ or
+    Allocations >= `mmap_threshold` (1 MiB) are mmapped, so freeing them returns them at once. `arenas` > 0 also caps
+    glibc's per-thread arenas: ZeRO-3 gathers and frees each layer's weights on every forward, and with glibc's
+    defaults the freed blocks (a few hundred KB to a few MB) stayed in the arena of whichever thread allocated them
+    (a rank's RSS grew by ~1 GB over one evaluation of SmolLM2 while it held no more tensors); the trainer passes
+    arenas=2 and a 256 KiB threshold under ZeRO-3 only. Without ZeRO-3 the cap is left off: with two arenas the
+    training threads contend for them (a bf16 forward + backward + AdamW step of SmolLM2-135M took ~3.1 s
+    instead of ~2.2 s on 2 CPU cores in a standalone timing loop, same peak RSS). Skipped when the user set MALLOC_MMAP_THRESHOLD_ or
     WARP_DIST_MALLOC=0, or off glibc.
     """
     if os.environ.get("WARP_DIST_MALLOC", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -152,7 +154,10 @@ def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, int(mmap_threshold))) and bool(libc.mallopt(-8, int(arenas)))  # M_MMAP_THRESHOLD, M_ARENA_MAX
+        ok = bool(libc.mallopt(-3, int(mmap_threshold)))  # M_MMAP_THRESHOLD
+        if arenas > 0:
+            ok = ok and bool(libc.mallopt(-8, int(arenas)))  # M_ARENA_MAX
+        return ok
     except (OSError, AttributeError):
         return False
 

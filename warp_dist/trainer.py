@@ -91,7 +91,7 @@ class Warp:
         ref_conf = deepspeed_config(tc.deepspeed, tc, d.group_size, False, **sizes) if tc.deepspeed else None
         zero3 = ds_conf is not None and ds_conf["zero_optimization"].get("stage", 0) == 3
         if zero3:
-            distmod.tune_allocator(mmap_threshold=1 << 18)  # partitions of a few hundred KB: keep them off the heap
+            distmod.tune_allocator(mmap_threshold=1 << 18, arenas=2)  # partitions of a few hundred KB: off the heap
         module = build_module(self.model_path, d, ds_conf, self.sft.part)
         self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part)
         gc = tc.gradient_checkpointing
