@@ -134,7 +134,8 @@ def table(res: dict) -> list[list[str]]:
     rows = []
     for p in res.get("projects", [res["project"]]):
         rows.append([c["config"], f"{c['iterations']} x {c['policies']} x {c['steps']}",
-                     f"{c['batch_size']} x {c['new_tokens']}", f"{p['world_size']}, {c['backend']}, {c.get('dtype', 'float32')}",
+                     f"{c['batch_size']} x {c['new_tokens']}",
+                     f"{p['world_size']}, {c['backend']}, {c.get('dtype', 'float32')}",  # older JSONs: no dtype
                      common.fmt(p["wall_s"]), common.fmt(n["wall_s"]), common.fmt_ratio(n["wall_s"] / p["wall_s"]),
                      common.fmt(p["run_s"]), common.fmt(n["run_s"]), common.fmt_ratio(n["run_s"] / p["run_s"]),
                      f"{p['final_reward_mean']:+.4f} ({p['sft_reward_mean']:+.4f})",
@@ -195,7 +196,8 @@ def main(argv=None) -> dict:
           "weight_distance_to_sft": naive["final"]["weight_distance_to_sft"]}
     nv["reward_gain"] = nv["final_reward_mean"] - nv["sft_reward_mean"]
     res = {
-        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "dtype": cfg.model.dtype, "ranks": ranks_list[0],
+        "config": {"config": args.config, "model": cfg.model.name, "backend": backend, "dtype": cfg.model.dtype,
+                   "ranks": ranks_list[0],
                    "ranks_list": ranks_list, "reward": cfg.reward.kind,
                    "iterations": args.iterations, "policies": args.policies, "steps": args.steps,
                    "batch_size": args.batch_size, "new_tokens": args.new_tokens, "eval_prompts": args.eval_prompts,

@@ -9,8 +9,9 @@ project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g
           backend), `fp32-vllm`, `bf16-vllm` (bf16 autocast compute with fp32 master weights and EMA, vLLM rollouts:
           the demo's setting). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
           one after the other, each in a fresh `python` process (--in-process: all in this one; an earlier run's
-          engines and allocator state then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s alone); every step samples exactly
-          --new-tokens tokens (min = max) so the work per step is fixed. Step 1 of each is a warm-up; the table shows medians over the timed steps.
+          engines and allocator state then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s
+          alone); every step samples exactly --new-tokens tokens (min = max) so the work per step is fixed.
+          Step 1 of each is a warm-up; the table shows medians over the timed steps.
 Columns: generate / score (reward) / train (forward, anchor forward, backward, optimizer, EMA) / weight push (into
 the rollout engine; none for naive and HF) / step, tokens per second of the whole step, and step / naive step (the
 goal of the speed issue is <= 0.5x). Quality is checked by benchmarks/e2e.py (final rewards of a whole run).
@@ -21,8 +22,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -158,13 +159,16 @@ def bench_variant(args, name: str) -> dict:
     return out
 
 
+def bench_one(args, name: str) -> dict:
+    return bench_naive(args) if name == "naive" else bench_variant(args, name)
+
+
 def run_child(args, argv, name: str) -> dict:
     """One run (the naive loop or a variant) in a fresh `python` process with this command's settings."""
     with tempfile.TemporaryDirectory(prefix="warp_bench_step_child_") as tmp:
         out = Path(tmp) / "run.json"
         given = list(sys.argv[1:] if argv is None else argv)
-        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{name}={out}",
-               "--out", str(Path(tmp) / "ignored.json")]
+        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{name}={out}"]
         proc = subprocess.run(cmd, cwd=ROOT, env=common.subprocess_env(), capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
@@ -214,7 +218,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     if args.child:  # one run, in the fresh process the parent started; its result goes to a JSON file
         name, out = args.child.split("=", 1)
-        res = bench_naive(args) if name == "naive" else bench_variant(args, name)
+        res = bench_one(args, name)
         common.write_json_atomic(out, res)
         return res
     runs = {}
@@ -224,7 +228,7 @@ def main(argv=None) -> dict:
             runs[name] = {"skipped": f"vLLM not importable ({common.vllm_import_error()})"}
         elif args.in_process:
             torch.manual_seed(args.seed)
-            runs[name] = bench_naive(args) if name == "naive" else bench_variant(args, name)
+            runs[name] = bench_one(args, name)
         else:
             runs[name] = run_child(args, argv, name)
     naive = runs.get("naive", {})

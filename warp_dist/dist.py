@@ -143,9 +143,10 @@ def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 0) -> bool:
     glibc's per-thread arenas: ZeRO-3 gathers and frees each layer's weights on every forward, and with glibc's
     defaults the freed blocks (a few hundred KB to a few MB) stayed in the arena of whichever thread allocated them
     (a rank's RSS grew by ~1 GB over one evaluation of SmolLM2 while it held no more tensors); the trainer passes
-    arenas=2 and a 256 KiB threshold under ZeRO-3 only. Without ZeRO-3 the cap is left off: with two arenas the
-    training threads contend for them (a bf16 forward + backward + AdamW step of SmolLM2-135M took ~3.1 s
-    instead of ~2.2 s on 2 CPU cores in a standalone timing loop, same peak RSS). Skipped when the user set MALLOC_MMAP_THRESHOLD_ or
+    arenas=2 and a 256 KiB threshold under ZeRO-3 only (its per-layer partitions are smaller; the lower threshold
+    costs ~5-8 % of a CPU training step). Without ZeRO-3 the cap is left off: with two arenas the training threads
+    contend for them (a bf16 forward + backward + AdamW step of SmolLM2-135M took ~3.1 s instead of ~2.2 s on 2 CPU
+    cores in a standalone timing loop, same peak RSS). Skipped when the user set MALLOC_MMAP_THRESHOLD_ or
     WARP_DIST_MALLOC=0, or off glibc.
     """
     if os.environ.get("WARP_DIST_MALLOC", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:

@@ -69,7 +69,6 @@ class VllmBackend(RolloutBackend):
         cfg = vllm_cfg if vllm_cfg is not None else VllmConfig()
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
-        self.dtype = DTYPES[dtype]
         self.tokenizer = tokenizer
         self.version = 0
         self.sleep_mode = bool(cfg.sleep_mode) and self.on_cuda
