@@ -6,12 +6,15 @@
 Two state dicts: a real model's (policies = its weights + small Gaussian noise, so task vectors are neither zero
 nor colinear and SLERP takes its real path) and a synthetic one of N random fp32 [D, D] tensors. For M policies:
 
-- `merging.merge_state_dicts(init, policies, lam, eta)` wall time (median of --repeat after a warm-up on a
-  slice of the tensors). Bytes processed = bytes read (init + M policies) + bytes written (theta_slerp and the
-  next theta_init) = (M + 3) x model bytes, counting every stored tensor once (tied tensors once, fp32).
-- The memory-bandwidth yardstick, measured in the same run: `Tensor.clone()` of every tensor of init and the M
-  policies (one full warm-up pass, then the median of --repeat); bytes moved = read + written =
-  2 x (M + 1) x model bytes. Ratio = merge GB/s / clone GB/s.
+- The yardstick, a plain copy of the same tensors in the same run: `dst.copy_(src)` of init and the M policies
+  into destinations allocated once (bytes moved = read + written = 2 x (M + 1) x model bytes), and `clone()`, which
+  also pays for fresh pages (a page fault per 4 KiB).
+- The merge as the trainer runs it: `merging.merge_pass` tensor after tensor into output buffers allocated once
+  (sized to the largest tensor), with `kernel="eager"` (chunked torch ops) and `kernel="compiled"` (torch.compile'd
+  fused sweeps; the compile of the first call is timed apart). Bytes processed = read (init + M policies) + written
+  (theta_slerp and the next theta_init) = (M + 3) x model bytes, every stored tensor once (tied tensors once).
+  Ratio = merge GB/s / copy GB/s. Also `merging.merge_state_dicts` (new output tensors each call) against clone.
+  Each timing: the median of --repeat after a warm-up.
 - `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak RSS growth during the call
   (a thread samples /proc/self/statm every 2 ms, after gc + malloc_trim). The call returns both outputs
   (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
@@ -36,9 +39,9 @@ PRESETS = {
     "cpu": dict(model="embedded:smollm2-135m", synthetic_tensors=64, synthetic_dim=2048, policies="2,4", repeat=3),
     "gpu": dict(model="embedded:smollm2-135m", synthetic_tensors=256, synthetic_dim=2048, policies="2,4", repeat=2),
 }
-COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "merge s", "merge GB/s", "clone GB/s",
-           "merge / clone bandwidth", "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB",
-           "extra / model"]
+COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "copy GB/s", "eager GB/s", "eager / copy",
+           "compiled GB/s", "compiled / copy", "compile s (first call)", "merge_state_dicts / clone",
+           "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB", "extra / model"]
 WARMUP_BYTES = 64 * 2**20  # the warm-up merges a slice of the tensors up to this size
 NOISE = 1e-3
 
@@ -121,15 +124,44 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
                 for k in keys:
                     st[k].clone()
 
+        dests = {(i, k): torch.empty_like(st[k]) for i, st in enumerate((init, *pols)) for k in names}
+
+        def copy_all(pols=pols, dests=dests):
+            for i, st in enumerate((init, *pols)):
+                for k in names:
+                    dests[(i, k)].copy_(st[k])
+
         def merge(keys=None, pols=pols):
             if keys is None:
                 return merging.merge_state_dicts(init, pols, args.lam, args.eta)
             return merging.merge_state_dicts({k: init[k] for k in keys}, [{k: p[k] for k in keys} for p in pols],
                                              args.lam, args.eta)
 
+        largest_numel = max(init[k].numel() for k in names)
+        bufs = (torch.empty(largest_numel, dtype=init[names[0]].dtype),
+                torch.empty(largest_numel, dtype=init[names[0]].dtype))
+
+        def merge_into(kernel, keys=names, pols=pols, bufs=bufs):
+            """What the trainer's merge does: tensor after tensor into two reused output buffers."""
+            for k in keys:
+                n = init[k].numel()
+                merging.merge_pass(init[k], [p[k] for p in pols], args.lam, args.eta, kernel=kernel,
+                                   out=bufs[0][:n], nxt=bufs[1][:n])
+
+        t_copy = common.timeit(copy_all, repeat=args.repeat, warmup=1)
         t_clone = common.timeit(clone_all, repeat=args.repeat, warmup=1)
         merge(warm)
         t_merge = common.timeit(merge, repeat=args.repeat, warmup=0)
+        t_eager = common.timeit(lambda: merge_into("eager"), repeat=args.repeat, warmup=1)
+        compile_s = None
+        if not merging.compiler_available():
+            t0 = time.perf_counter()
+            merge_into("compiled", keys=[max(names, key=lambda k: init[k].numel())])
+            compile_s = time.perf_counter() - t0
+            t_compiled = common.timeit(lambda: merge_into("compiled"), repeat=args.repeat, warmup=1)
+        else:
+            t_compiled = None
+        dests.clear()
         common.release_memory()
 
         d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
@@ -142,7 +174,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             got = {}
             distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
                                  lambda n: init[n].reshape(-1), sources,
-                                 lambda name, i, ps: merging.merge_pass(i, ps, args.lam, args.eta),
+                                 lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
                                  lambda n, full: got.__setitem__(n, full))
             return got
 
@@ -159,15 +191,26 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
         common.release_memory()
 
         read_written = (M + 3) * B
-        merge_gbps = read_written / t_merge["median_s"] / common.GB
+        copy_gbps = 2 * (M + 1) * B / t_copy["median_s"] / common.GB
         clone_gbps = 2 * (M + 1) * B / t_clone["median_s"] / common.GB
+        merge_gbps = read_written / t_merge["median_s"] / common.GB
+        eager_gbps = read_written / t_eager["median_s"] / common.GB
+        compiled_gbps = read_written / t_compiled["median_s"] / common.GB if t_compiled else None
         outputs = B  # theta_slerp kept by the benchmark's on_slerp (the trainer updates its tensors in place)
         extra = mem.growth - outputs
         theory = largest * (M + 2)
         rows.append({
             "state_dict": label, "M": M, "model_bytes": B, "num_tensors": len(names), "largest_tensor_bytes": largest,
-            "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"],
-            "merge_bytes": read_written, "merge_gbps": merge_gbps,
+            "merge_bytes": read_written,
+            "copy_s": t_copy["median_s"], "copy_bytes": 2 * (M + 1) * B, "copy_gbps": copy_gbps,
+            "eager_s": t_eager["median_s"], "eager_times_s": t_eager["times_s"], "eager_gbps": eager_gbps,
+            "eager_over_copy_bandwidth": eager_gbps / copy_gbps,
+            "compiled_s": t_compiled["median_s"] if t_compiled else None,
+            "compiled_times_s": t_compiled["times_s"] if t_compiled else None,
+            "compiled_gbps": compiled_gbps,
+            "compiled_over_copy_bandwidth": compiled_gbps / copy_gbps if compiled_gbps else None,
+            "compile_first_call_s": compile_s,
+            "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"], "merge_gbps": merge_gbps,
             "clone_s": t_clone["median_s"], "clone_bytes": 2 * (M + 1) * B, "clone_gbps": clone_gbps,
             "merge_over_clone_bandwidth": merge_gbps / clone_gbps,
             "stream_merge_s": t_stream,
@@ -182,11 +225,15 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
 def table(res: dict) -> list[list[str]]:
     rows = []
     for r in res["rows"]:
+        def opt(v, f=common.fmt):
+            return f(v) if v is not None else "n/a (no C++ compiler)"
+
         rows.append([r["state_dict"], common.fmt(r["model_bytes"] / common.MB), str(r["num_tensors"]),
-                     common.fmt(r["largest_tensor_bytes"] / common.MB), str(r["M"]), common.fmt(r["merge_s"]),
-                     common.fmt(r["merge_gbps"]), common.fmt(r["clone_gbps"]),
-                     common.fmt_ratio(r["merge_over_clone_bandwidth"]), common.fmt(r["stream_merge_s"]),
-                     common.fmt(r["stream_extra_bytes_measured"] / common.MB),
+                     common.fmt(r["largest_tensor_bytes"] / common.MB), str(r["M"]), common.fmt(r["copy_gbps"]),
+                     common.fmt(r["eager_gbps"]), common.fmt_ratio(r["eager_over_copy_bandwidth"]),
+                     opt(r["compiled_gbps"]), opt(r["compiled_over_copy_bandwidth"], common.fmt_ratio),
+                     opt(r["compile_first_call_s"]), common.fmt_ratio(r["merge_over_clone_bandwidth"]),
+                     common.fmt(r["stream_merge_s"]), common.fmt(r["stream_extra_bytes_measured"] / common.MB),
                      common.fmt(r["stream_extra_bytes_theoretical"] / common.MB),
                      common.fmt_ratio(r["stream_extra_over_model"])])
     return rows
@@ -201,6 +248,9 @@ def main(argv=None) -> dict:
     ms = common.int_list(args.policies)
     if not ms or min(ms) < 1:
         raise SystemExit("--policies: a comma list of M >= 1")
+    from warp_dist import dist as distmod
+
+    distmod.tune_allocator()  # the trainer's allocator settings from the first timing on (dist.init sets them too)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
     if bad:
@@ -220,12 +270,15 @@ def main(argv=None) -> dict:
         "config": {"model": args.model, "synthetic_tensors": n, "synthetic_dim": dim, "policies": ms,
                    "repeat": args.repeat, "lam": args.lam, "eta": args.eta, "torch_threads": torch.get_num_threads()},
         "rows": rows,
-        "counting": "merge bytes = read (init + M policies) + written (2 outputs) = (M+3) x model bytes; clone "
-                    "bytes = read + written = 2 x (M+1) x model bytes; model bytes = unique float tensors; GB = 1e9",
-        "notes": "merge = merging.merge_state_dicts, i.e. merging.merge_pass per tensor: one chunked read pass "
-                 "(task vectors formed once, fp64 Gram matrix) and one read + write pass (theta_slerp and the next "
-                 "theta_init); its temporaries are a few 64K-element chunks. stream extra = peak RSS growth during "
-                 "dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2).",
+        "counting": "merge bytes = read (init + M policies) + written (2 outputs) = (M+3) x model bytes; copy and "
+                    "clone bytes = read + written = 2 x (M+1) x model bytes; model bytes = unique float tensors; "
+                    "GB = 1e9",
+        "notes": "copy = dst.copy_(src) into destinations allocated once; eager / compiled = merging.merge_pass "
+                 "tensor after tensor into two reused output buffers (what the trainer does), kernel eager (chunked "
+                 "torch ops) or compiled (torch.compile'd fused sweeps; compile s = the first call on the largest "
+                 "tensor, inductor's on-disk cache may hold it from an earlier run); merge_state_dicts / clone = the "
+                 "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
+                 "RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2).",
     }
     return common.finish(NAME, args, argv, res, COLUMNS, table(res))
 

@@ -61,6 +61,7 @@ def test_train_step(results, tiny_model_path):
 
 def test_merge(results, tiny_model_path):
     from benchmarks import merge
+    from warp_dist import merging
 
     out = results / "merge.json"
     res = check_written(merge.main(["--size", "tiny", "--out", str(out)]), out, "merge")
@@ -68,8 +69,12 @@ def test_merge(results, tiny_model_path):
     assert [(r["state_dict"].split()[0], r["M"], r["dtype"]) for r in rows] == [
         (sd, m, dt) for dt in ("float32", "bfloat16") for sd in ("embedded:tiny-gpt2", "synthetic") for m in (2, 4)]
     for r in rows:
-        for k in ("model_bytes", "largest_tensor_bytes", "merge_s", "merge_gbps", "clone_s", "clone_gbps",
-                  "merge_over_clone_bandwidth", "stream_merge_s", "stream_extra_bytes_theoretical"):
+        keys = ["model_bytes", "largest_tensor_bytes", "merge_s", "merge_gbps", "clone_s", "clone_gbps", "copy_gbps",
+                "eager_gbps", "eager_over_copy_bandwidth", "merge_over_clone_bandwidth", "stream_merge_s",
+                "stream_extra_bytes_theoretical"]
+        if not merging.compiler_available():  # the compiled kernel is measured where it can run
+            keys += ["compiled_gbps", "compiled_over_copy_bandwidth", "compile_first_call_s"]
+        for k in keys:
             assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
         assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]
         assert r["stream_extra_bytes_theoretical"] == r["largest_tensor_bytes"] * (r["M"] + 2)

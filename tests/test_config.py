@@ -122,6 +122,7 @@ def test_override_without_equals():
     ("merge.eta=-0.1", "merge.eta"),
     ("merge.lam=2", "merge.lam"),
     ("merge.lam=-0.5", "merge.lam"),
+    ("merge.kernel=fast", "merge.kernel"),
     ("train.mu=0", "train.mu"),
     ("train.mu=1.5", "train.mu"),
     ("train.beta=-1", "train.beta"),

@@ -417,3 +417,87 @@ def test_merge_pass_diagnostics_and_non_finite_inputs():
     bad_init[0] = float("inf")
     _, _, g = merging.merge_pass(bad_init, policies, 0.5, 0.25)
     assert not bool(torch.isfinite(g).all())
+
+
+# ------------------------------------------------------- merge_pass destinations and the compiled kernel
+def test_merge_pass_writes_into_given_destinations_and_rejects_bad_ones():
+    init = _rand(50, 40, seed=100)
+    policies = [init + 0.01 * _rand(50, 40, seed=101 + m) for m in range(2)]
+    ref_s, ref_n, ref_g = merging.merge_pass(init, policies, 0.5, 0.3, chunk=333)
+    out, nxt = torch.full((2000,), float("nan")), torch.full((2000,), float("nan"))
+    s, n, g = merging.merge_pass(init, policies, 0.5, 0.3, chunk=333, out=out, nxt=nxt)
+    assert s.data_ptr() == out.data_ptr() and n.data_ptr() == nxt.data_ptr()  # written in place, no new tensor
+    assert torch.equal(s, ref_s) and torch.equal(n, ref_n) and torch.equal(g, ref_g)
+    with pytest.raises(ValueError, match="merge_pass out: needs a contiguous torch.float32 tensor of 2000"):
+        merging.merge_pass(init, policies, 0.5, 0.3, out=torch.empty(1999))
+    with pytest.raises(ValueError, match="merge_pass nxt: needs a contiguous torch.float32"):
+        merging.merge_pass(init, policies, 0.5, 0.3, nxt=torch.empty(2000, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="kernel='fast': allowed eager, compiled"):
+        merging.merge_pass(init, policies, 0.5, 0.3, kernel="fast")
+
+
+@pytest.mark.skipif(bool(merging.compiler_available()), reason="torch.compile needs a C++ compiler here")
+@pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 1, False), (torch.float32, 2, True),
+                                               (torch.float32, 3, False), (torch.bfloat16, 2, True)])
+def test_compiled_merge_equals_the_eager_one(dtype, M, with_sft):
+    n = merging.COMPILED_MIN + 4321  # above the size where the compiled sweeps take over, not a multiple of anything
+    init = _rand(n, seed=110).to(dtype)
+    policies = [(init.float() + 0.01 * _rand(n, seed=111 + m)).to(dtype) for m in range(M)]
+    sft = _rand(n, seed=120).to(dtype) if with_sft else None
+    es, en, eg = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft)
+    out, nxt = torch.empty_like(init), torch.empty_like(init)
+    cs, cn, cg = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="compiled", out=out, nxt=nxt)
+    assert cs.data_ptr() == out.data_ptr() and cs.dtype == dtype and cn.dtype == dtype
+    # the same math: fp32 outputs within 2 ulp of |init| ~ 4 (the two kernels round their sums in another order);
+    # bf16 outputs within one bf16 ulp
+    tol = 1e-6 if dtype == torch.float32 else 0.016
+    assert (cs.float() - es.float()).abs().max().item() <= tol and (cn.float() - en.float()).abs().max().item() <= tol
+    # the Gram matrix against fp64 over the whole tensor (fp32 products summed in fp64)
+    rows = [(p.double() - init.double()) for p in policies] + ([init.double() - sft.double()] if with_sft else [])
+    exact = torch.tensor([[float(a @ b) for b in rows] for a in rows], dtype=torch.float64)
+    k = len(rows)
+    torch.testing.assert_close(cg[:k, :k], exact, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(eg, cg, rtol=1e-6, atol=1e-9)
+    # small tensors stay eager under kernel="compiled": identical to the eager call
+    small = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3, kernel="compiled")
+    ref = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(small, ref, strict=True))
+
+
+def test_compiled_merge_flags_non_finite_inputs():
+    if merging.compiler_available():
+        pytest.skip("torch.compile needs a C++ compiler here")
+    n = merging.COMPILED_MIN
+    init = _rand(n, seed=130)
+    policies = [init + 0.01 * _rand(n, seed=131), init + 0.01 * _rand(n, seed=132)]
+    policies[1][17] = float("nan")
+    _, _, g = merging.merge_pass(init, policies, 0.5, 0.5, kernel="compiled")
+    assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
+
+
+def test_kernel_for_auto_compiles_only_when_the_eager_merges_would_take_long(monkeypatch, tmp_path):
+    assert merging.kernel_for("eager", 10**12, 2, 5) == "eager"
+    assert merging.kernel_for("compiled", 1, 2, 1) == "compiled"
+    small = 4 * 135_000_000  # SmolLM2-135M in fp32: (M + 3) x 0.54 GB x 2 iterations ~ 2 s eager -> eager
+    assert merging.kernel_for("auto", small, 2, 2) == "eager"
+    big = 4 * 7_000_000_000  # a 7 B model: minutes of eager merging -> compiled, when a compiler is here
+    expected = "eager" if merging.compiler_available() else "compiled"
+    assert merging.kernel_for("auto", big, 2, 2) == expected
+    monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on PATH: auto stays eager, the reason is one line
+    assert "needs a C++ compiler" in merging.compiler_available()
+    assert merging.kernel_for("auto", big, 2, 2) == "eager"
+
+
+def test_tensor_slerp_coefficients_equal_the_float_ones_including_fallbacks():
+    """The compiled graph folds SLERP in tensor ops (`slerp_coefficients_tensor`); it must be `slerp_coefficients`."""
+    ds = [_rand(40, seed=140 + i).double() for i in range(4)]
+    cases = [torch.eye(2, dtype=torch.float64),  # orthogonal
+             torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64),  # colinear: sin(Omega) = 0 -> lerp
+             torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64),  # a zero task vector -> lerp
+             torch.tensor([[3.0]], dtype=torch.float64)]
+    cases += [torch.stack([torch.stack([a @ b for b in ds[:m]]) for a in ds[:m]]) for m in (2, 3, 4)]
+    for g in cases:
+        for lam in (0.3, 0.5):
+            want = merging.slerp_coefficients(g, lam)
+            got = merging.slerp_coefficients_tensor(g, torch.tensor(lam, dtype=torch.float64)).tolist()
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (g, lam)

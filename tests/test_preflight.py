@@ -227,6 +227,16 @@ def test_vllm_backend_without_vllm(tmp_path):
     assert not out.exists()
 
 
+def test_compiled_merge_kernel_without_a_compiler(tmp_path):
+    out = tmp_path / "run"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    line = one_line(launch(f"output_dir={out}", "merge.kernel=compiled", env={"PATH": str(empty)}))
+    assert line == ("error: merge.kernel=compiled: torch.compile on CPU needs a C++ compiler (g++) on PATH; none was "
+                    "found; use merge.kernel=eager or auto")
+    assert not out.exists()
+
+
 def _ds(tmp_path, text: str) -> Path:
     p = tmp_path / "ds.json"
     p.write_text(text)

@@ -55,7 +55,7 @@ def liti(init: torch.Tensor, target: torch.Tensor, eta: float) -> torch.Tensor:
     return torch.lerp(init.float(), target.float(), eta).to(init.dtype)
 
 
-CHUNK = 1 << 18  # elements per chunk of the fused merge: its temporaries (a few x 1 MB) stay in the CPU cache
+CHUNK = 1 << 17  # elements per chunk of the fused merge: its temporaries (a few x 0.5-1 MB) stay in the CPU cache
 
 
 def slerp_coefficients(gram, lam: float) -> list[float]:
@@ -87,17 +87,26 @@ def slerp_coefficients(gram, lam: float) -> list[float]:
 
 
 def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float,
-               sft: torch.Tensor | None = None, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sft: torch.Tensor | None = None, chunk: int = CHUNK, out: torch.Tensor | None = None,
+               nxt: torch.Tensor | None = None, kernel: str = "eager"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One tensor of the WARP merge at memory speed: returns (theta_slerp, next theta_init, gram).
 
-    Pass 1 reads init and the M policies once, chunk by chunk, forming each task vector d_i = p_i - init once (fp32)
-    and accumulating in fp64 (fp32 products of a chunk summed in fp64) the Gram matrix of the rows [d_1 .. d_M, init - sft] ([M + 1, M + 1]; with sft None the
-    last row is 0 and costs nothing). Pass 2 reads them again and writes both outputs: theta_slerp = init +
-    sum_i c_i d_i (c from `slerp_coefficients`; fp32 arithmetic) and next = lerp(init, theta_slerp, eta), the same
-    op every rank applies to its own slices. The Gram matrix carries every diagnostic (task-vector norms and angles,
-    |theta_slerp - sft|, how far theta_init moves) and the finiteness of every input: a NaN/inf in a policy or in
-    init makes a diagonal entry non-finite. Temporaries: a few chunks; no whole fp32 task vector and no fp64 copy of
-    a tensor. Outputs in init's dtype.
+    Two chunked sweeps over init and the M policies. Sweep 1 forms the task vectors d_i = p_i - init of a chunk
+    (fp32) and accumulates the Gram matrix of the rows [d_1 .. d_M, init - sft] ([M + 1, M + 1]; with sft None the
+    last row is 0 and costs nothing) with one fp64 matrix product per chunk (the chunk's rows widened to fp64, so
+    products and sums are fp64: no fp64 copy of a tensor). Sweep 2 writes both outputs: theta_slerp = init +
+    sum_i c_i d_i (c from `slerp_coefficients`; fp32, as lerp(init, p_1, c_1) + sum_{i>1} c_i d_i) and next =
+    lerp(init, theta_slerp, eta), the same op every rank applies to its own slices. The SLERP coefficients need
+    the whole tensor's Gram matrix, so the inputs are read twice; a tensor that fits in the CPU's last-level cache
+    (every SmolLM2 tensor but the embedding) is read from memory once. The Gram matrix carries every diagnostic
+    (task-vector norms and angles, |theta_slerp - sft|, how far theta_init moves) and the finiteness of every
+    input: a NaN/inf in a policy or in init makes a diagonal entry non-finite. Temporaries: a few chunks.
+    `out` / `nxt`: destinations (init's dtype and number of elements) to write into instead of new tensors, so a
+    caller that merges tensor after tensor reuses its buffers (fresh memory costs a page fault per 4 KiB).
+    `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `fused_sweeps` (torch.compile: each
+    sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones stay eager.
+    Outputs in init's dtype.
     """
     M = len(policies)
     if not init.is_floating_point():
@@ -106,51 +115,173 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     ps = [p.reshape(-1) for p in policies]
     f = sft.reshape(-1) if sft is not None else None
     n = x.numel()
-    c = min(chunk, max(n, 1))
+    for name, t in (("out", out), ("nxt", nxt)):
+        if t is not None and (t.numel() != n or t.dtype != x.dtype or not t.is_contiguous()):
+            raise ValueError(f"merge_pass {name}: needs a contiguous {x.dtype} tensor of {n} elements, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"merge_pass kernel={kernel!r}: allowed {', '.join(KERNELS)}")
+    if kernel == "compiled" and n >= COMPILED_MIN:
+        return fused_sweeps(x, ps, f, lam, eta, out, nxt, init)
+    c = max(1, min(chunk, n))
     k = M + (1 if f is not None else 0)  # rows actually formed
     rows = torch.empty(k, c, dtype=torch.float32)
-    prod = torch.empty(c, dtype=torch.float32)
-    acc64 = [[0.0] * (M + 1) for _ in range(M + 1)]
+    base_buf = None if x.dtype == torch.float32 else torch.empty(c, dtype=torch.float32)
+
+    def as_fp32(t: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
+        """t[a:b] in fp32: a view when t is fp32, else converted into buf."""
+        if t.dtype == torch.float32:
+            return t[a:b]
+        v = buf[: b - a]
+        v.copy_(t[a:b])
+        return v
+
+    r64 = torch.empty(k, c, dtype=torch.float64)
+    g = torch.zeros(k, k, dtype=torch.float64)
     for a in range(0, n, c):
         b = min(a + c, n)
         w = b - a
-        base = x[a:b].float()
+        base = as_fp32(x, a, b, base_buf)
         for i, p in enumerate(ps):
-            torch.sub(p[a:b], base, out=rows[i, :w])
+            torch.sub(as_fp32(p, a, b, rows[i]), base, out=rows[i, :w])
         if f is not None:
-            torch.sub(base, f[a:b], out=rows[M, :w])
-        for i in range(k):  # products in fp32 (exact to rounding), summed in fp64: no fp64 copy of a row or a tensor
-            ri = rows[i, :w]
-            for j in range(i, k):
-                acc64[i][j] += float(torch.mul(ri, rows[j, :w], out=prod[:w]).sum(dtype=torch.float64))
+            torch.sub(base, as_fp32(f, a, b, rows[M]), out=rows[M, :w])
+        r = r64[:, :w]
+        r.copy_(rows[:, :w])
+        g.addmm_(r, r.T)
+    del r64
     gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
-    for i in range(k):
-        for j in range(i, k):
-            gram[i, j] = gram[j, i] = acc64[i][j]
+    gram[:k, :k] = g
     coef = slerp_coefficients(gram[:M, :M], lam)
-    out = torch.empty_like(x)
-    nxt = torch.empty_like(x)
-    acc, tmp = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
+    out = torch.empty_like(x) if out is None else out.reshape(-1)
+    nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
     same = x.dtype == torch.float32
+    acc = None if same else torch.empty(c, dtype=torch.float32)
+    tmp = rows[0]
     for a in range(0, n, c):
         b = min(a + c, n)
         w = b - a
-        base = x[a:b] if same else x[a:b].float()
-        av, tv = acc[:w], tmp[:w]
-        torch.sub(ps[0][a:b], base, out=tv)
-        torch.mul(tv, coef[0], out=av)
+        base = as_fp32(x, a, b, base_buf)
+        o = out[a:b] if same else acc[:w]
+        torch.lerp(base, as_fp32(ps[0], a, b, tmp), coef[0], out=o)  # init + c_1 d_1
         for i in range(1, M):
-            torch.sub(ps[i][a:b], base, out=tv)
-            av.add_(tv, alpha=coef[i])
+            t = tmp[:w]
+            torch.sub(as_fp32(ps[i], a, b, tmp), base, out=t)
+            o.add_(t, alpha=coef[i])
         if same:
-            torch.add(base, av, out=out[a:b])
-            torch.lerp(base, out[a:b], eta, out=nxt[a:b])
+            torch.lerp(base, o, eta, out=nxt[a:b])
         else:
-            torch.add(base, av, out=tv)
-            out[a:b].copy_(tv)
-            torch.lerp(base, tv, eta, out=av)
-            nxt[a:b].copy_(av)
+            out[a:b].copy_(o)
+            torch.lerp(base, o, eta, out=o)
+            nxt[a:b].copy_(o)
     return out.view_as(init), nxt.view_as(init), gram
+
+
+KERNELS = ("eager", "compiled")
+COMPILED_MIN = 1 << 16  # smaller tensors merge eagerly (fixed costs of a compiled call; 64 K: 0.27 vs 0.43 ms)
+_COMPILED: dict[tuple, object] = {}
+
+
+def slerp_coefficients_tensor(gram: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """`slerp_coefficients` in tensor ops (no Python branches, so it compiles into the merge's graph): the same
+    fold, the same fallbacks to linear interpolation (torch.where); fp64 in, fp64 [M] out."""
+    m = gram.shape[0]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    acc = eye[0]
+    for j in range(1, m):
+        t = lam if m == 2 else torch.full_like(lam, 1.0 / (j + 1))
+        aa = acc @ gram @ acc
+        ab = acc @ gram[:, j]
+        na, nb = aa.clamp(min=0).sqrt(), gram[j, j].clamp(min=0).sqrt()
+        ok = (na >= 1e-12) & (nb >= 1e-12)
+        cos = torch.where(ok, ab / torch.where(ok, na * nb, torch.ones_like(na)), torch.zeros_like(ab))
+        omega = torch.acos(cos.clamp(-1.0, 1.0))
+        s = torch.sin(omega)
+        use = ok & (s >= EPS)
+        safe = torch.where(use, s, torch.ones_like(s))
+        w1 = torch.where(use, torch.sin((1 - t) * omega) / safe, 1 - t)
+        w2 = torch.where(use, torch.sin(t * omega) / safe, t)
+        acc = w1 * acc + w2 * eye[j]
+    return acc
+
+
+def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: torch.Tensor,
+                 eta: torch.Tensor, out: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """The whole merge of one flat tensor as one graph: the Gram matrix of [p_i - x ..., x - f] (fp32 differences
+    and products, as the eager sweep forms them, summed in fp64: fp64 products would halve the vector width for no
+    accuracy the merge can use), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
+    nxt = lerp(x, out, eta) in fp32, stored in x's dtype. Returns the [k, k] Gram matrix."""
+    b = x.float()
+    rows = [p.float() - b for p in ps]
+    if f is not None:
+        rows.append(b - f.float())
+    k = len(rows)
+    entries = {(i, j): (rows[i] * rows[j]).double().sum() for i in range(k) for j in range(i, k)}
+    gram = torch.stack([torch.stack([entries[(min(i, j), max(i, j))] for j in range(k)]) for i in range(k)])
+    coef = slerp_coefficients_tensor(gram[: len(ps), : len(ps)], lam).float()
+    d = coef[0] * rows[0]
+    for i in range(1, len(ps)):
+        d = d + coef[i] * rows[i]
+    o = b + d
+    out.copy_(o)
+    nxt.copy_(torch.lerp(b, o, eta))
+    return gram
+
+
+def compiled_merge(dtype: torch.dtype, num_policies: int, with_sft: bool):
+    """`_fused_merge` under torch.compile, one compiled function per variant (dtype, M, sft or not) on a code object
+    of its own, so dynamo's recompile limit (8 per code object) counts shapes of one variant only; dynamic shapes:
+    any length, one compile. Needs a C++ compiler on CPU (inductor); the first call of a variant compiles (seconds;
+    inductor caches the result on disk for later processes)."""
+    key = (dtype, num_policies, with_sft)
+    if key not in _COMPILED:
+        name = f"_fused_merge_{str(dtype).split('.')[-1]}_m{num_policies}{'_sft' if with_sft else ''}"
+        fn = type(_fused_merge)(_fused_merge.__code__.replace(co_name=name), _fused_merge.__globals__, name)
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    return _COMPILED[key]
+
+
+def fused_sweeps(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: float, eta: float,
+                 out: torch.Tensor | None, nxt: torch.Tensor | None, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`merge_pass` on flat tensors with the compiled graph: each sweep one fused loop that reads its inputs once."""
+    M = len(ps)
+    fn = compiled_merge(x.dtype, M, f is not None)
+    out = torch.empty_like(x) if out is None else out.reshape(-1)
+    nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
+    g = fn(x, ps, f, torch.tensor(lam, dtype=torch.float64), torch.tensor(eta, dtype=torch.float32), out, nxt)
+    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    gram[: g.shape[0], : g.shape[0]] = g
+    return out.view_as(like), nxt.view_as(like), gram
+
+
+def compiler_available() -> str:
+    """'' when `kernel="compiled"` can run here (the merge runs on CPU: inductor needs a C++ compiler), else why not."""
+    import shutil
+
+    try:
+        from torch._inductor import config as inductor_config
+
+        cxx = [c for c in inductor_config.cpp.cxx if c]
+    except Exception:  # noqa: BLE001 - an inductor without this setting: the usual name
+        cxx = ["g++"]
+    if not any(shutil.which(c) for c in cxx):
+        return f"torch.compile on CPU needs a C++ compiler ({' or '.join(cxx)}) on PATH; none was found"
+    return ""
+
+
+AUTO_EAGER_GBPS = 3.0  # what the eager merge moves per second on a 2-core CPU (benchmarks/merge.py), counted bytes
+AUTO_MIN_EAGER_S = 30.0  # auto compiles when the run's eager merges would take at least this long
+
+
+def kernel_for(setting: str, float_bytes: int, num_policies: int, iterations: int) -> str:
+    """merge.kernel resolved: auto = compiled when a compiler is here and the run's eager merges, (M + 3) x the
+    model's float bytes per iteration at AUTO_EAGER_GBPS, would take >= AUTO_MIN_EAGER_S (compiling the variants
+    costs ~5-25 s), else eager."""
+    if setting != "auto":
+        return setting
+    eager_s = float_bytes * (num_policies + 3) * iterations / (AUTO_EAGER_GBPS * 1e9)
+    return "compiled" if eager_s >= AUTO_MIN_EAGER_S and not compiler_available() else "eager"
 
 
 def merge_tensor(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float

