@@ -98,14 +98,15 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     products and sums are fp64: no fp64 copy of a tensor). Sweep 2 writes both outputs: theta_slerp = init +
     sum_i c_i d_i (c from `slerp_coefficients`; fp32, as lerp(init, p_1, c_1) + sum_{i>1} c_i d_i) and next =
     lerp(init, theta_slerp, eta), the same op every rank applies to its own slices. The SLERP coefficients need
-    the whole tensor's Gram matrix, so the inputs are read twice; a tensor that fits in the CPU's last-level cache
-    (every SmolLM2 tensor but the embedding) is read from memory once. The Gram matrix carries every diagnostic
+    the whole tensor's Gram matrix, so the inputs are read twice (the second read of a tensor that fits in the
+    CPU's last-level cache can come from there). The Gram matrix carries every diagnostic
     (task-vector norms and angles, |theta_slerp - sft|, how far theta_init moves) and the finiteness of every
     input: a NaN/inf in a policy or in init makes a diagonal entry non-finite. Temporaries: a few chunks.
     `out` / `nxt`: destinations (init's dtype and number of elements) to write into instead of new tensors, so a
     caller that merges tensor after tensor reuses its buffers (fresh memory costs a page fault per 4 KiB).
-    `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `fused_sweeps` (torch.compile: each
-    sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones stay eager.
+    `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `fused_sweeps` (the whole merge as one
+    torch.compile graph: each sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones
+    stay eager.
     Outputs in init's dtype.
     """
     M = len(policies)
@@ -207,9 +208,9 @@ def slerp_coefficients_tensor(gram: torch.Tensor, lam: torch.Tensor) -> torch.Te
 
 def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: torch.Tensor,
                  eta: torch.Tensor, out: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-    """The whole merge of one flat tensor as one graph: the Gram matrix of [p_i - x ..., x - f] (fp32 differences
-    and products, as the eager sweep forms them, summed in fp64: fp64 products would halve the vector width for no
-    accuracy the merge can use), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
+    """The whole merge of one flat tensor as one graph: the Gram matrix of [p_i - x ..., x - f] (fp32 differences,
+    as the eager sweep forms them, and fp32 products summed in fp64: fp64 products would halve the vector width for
+    no accuracy the merge can use), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
     nxt = lerp(x, out, eta) in fp32, stored in x's dtype. Returns the [k, k] Gram matrix."""
     b = x.float()
     rows = [p.float() - b for p in ps]
