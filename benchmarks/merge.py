@@ -108,7 +108,8 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
 
     names = float_names(init)
     B = state_bytes(init)
-    largest = max(init[k].numel() * init[k].element_size() for k in names)
+    largest_numel = max(init[k].numel() for k in names)  # float tensors of one dtype
+    largest = largest_numel * init[names[0]].element_size()
     warm, acc = [], 0
     for k in names:  # a warm-up slice: the first tensors up to WARMUP_BYTES (at least one)
         warm.append(k)
@@ -137,7 +138,6 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             return merging.merge_state_dicts({k: init[k] for k in keys}, [{k: p[k] for k in keys} for p in pols],
                                              args.lam, args.eta)
 
-        largest_numel = max(init[k].numel() for k in names)
         bufs = (torch.empty(largest_numel, dtype=init[names[0]].dtype),
                 torch.empty(largest_numel, dtype=init[names[0]].dtype))
 

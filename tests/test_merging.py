@@ -488,6 +488,13 @@ def test_kernel_for_auto_compiles_only_when_the_eager_merges_would_take_long(mon
     assert merging.kernel_for("auto", big, 2, 2) == "eager"
 
 
+def test_config_allows_exactly_auto_and_the_merge_kernels():
+    """config.py stays torch-free, so it spells the kernel list itself; this keeps it equal to merging's."""
+    from warp_dist import config
+
+    assert config.MERGE_KERNELS == ("auto", *merging.KERNELS)
+
+
 def test_tensor_slerp_coefficients_equal_the_float_ones_including_fallbacks():
     """The compiled graph folds SLERP in tensor ops (`slerp_coefficients_tensor`); it must be `slerp_coefficients`."""
     ds = [_rand(40, seed=140 + i).double() for i in range(4)]

@@ -195,6 +195,44 @@ def test_reward_model_freeze_embeddings_keeps_the_token_embeddings(freeze):
                            before["bert.embeddings.position_embeddings.weight"])
 
 
+def test_reward_model_freeze_layers_and_head_lr():
+    """train.freeze_layers: the first N encoder layers stay as loaded, the rest trains; train.head_lr: the classifier
+    (and BERT's pooler) move at their own rate; too many layers is one line naming the field."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from warp_dist.guards import check_finite
+    from warp_dist.stages import reward_model
+    from warp_dist.stages.output import StageError
+
+    g = random.Random(0)
+    seqs = [[g.randrange(1, 50) for _ in range(g.randrange(3, 9))] for _ in range(16)]
+
+    def fit(*overrides):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                         num_attention_heads=2, intermediate_size=32, num_labels=2))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = load_stage_config("reward_model", RM_YAML, ["train.batch_size=4", "log_every=1000", *overrides])
+        reward_model._fit(cfg, model, seqs, [i % 2 for i in range(16)], 0, torch.device("cpu"), check_finite)
+        return {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+
+    moved = fit("train.freeze_layers=1")
+    layer0 = [n for n in moved if n.startswith("bert.encoder.layer.0.")]
+    layer1 = [n for n in moved if n.startswith("bert.encoder.layer.1.")]
+    assert layer0 and all(moved[n] == 0 for n in layer0)
+    assert all(moved[n] > 0 for n in layer1 if n.endswith(".weight"))
+    assert reward_model.encoder_layers(BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)))[2] is not None
+    slow, fast = fit(), fit("train.head_lr=1e-2")  # train.lr = 1e-4: the head moves ~100x further with head_lr
+    for n in ("classifier.weight", "bert.pooler.dense.weight"):
+        assert fast[n] > 10 * slow[n], (n, fast[n], slow[n])
+    with pytest.raises(StageError, match=r"^train.freeze_layers=3: allowed 0..2 \(the encoder's layers\)$"):
+        fit("train.freeze_layers=3")
+    with pytest.raises(ConfigError, match="train.head_lr"):
+        load_stage_config("reward_model", RM_YAML, ["train.head_lr=-1"])
+
+
 def test_warp_runs_from_the_sft_model_with_the_reward_model(sft_run, rm_run, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -222,6 +260,33 @@ def test_warp_runs_from_the_sft_model_with_the_reward_model(sft_run, rm_run, tmp
     assert summary["final"]["num_prompts"] == 16
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "train" for r in recs)
+
+
+def test_both_stages_side_by_side(rm_run, tmp_path):
+    """launch/stages.py (make demo's first step): a fresh SFT run next to a cached reward model; --threads reaches
+    the stage (its summary's torch_threads)."""
+    rm, _ = rm_run
+    sft = tmp_path / "sft"
+    proc = py("launch/stages.py", "--threads", "2", "--sft-args", " ".join([*SFT_TINY, f"output_dir={sft}"]),
+              "--rm-args", " ".join([f"model.name={rm.parent / 'tiny_bert'}", *RM_TINY, f"output_dir={rm}"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sft and reward_model side by side, 2 CPU threads each" in proc.stdout
+    assert "already holds this config's result" in proc.stdout  # the reward model: cached
+    s = json.loads((sft / "summary.json").read_text())
+    assert s["complete"] is True and s["torch_threads"] == 2 and s["eval_loss_after"] < s["eval_loss_before"]
+
+
+def test_both_stages_a_failing_stage_stops_the_other(tmp_path):
+    sft = tmp_path / "sft"
+    t0 = time.time()
+    proc = py("launch/stages.py", "--threads", "1", "--sft-args", " ".join([*SFT_TINY, f"output_dir={sft}"]),
+              "--rm-args", "train.warmup_ratio=2")
+    assert proc.returncode == 2
+    assert "config error: train.warmup_ratio=2.0 is invalid" in proc.stderr
+    assert "stages: reward_model failed (exit 2); stopping sft" in proc.stderr
+    assert not sft.exists() and list(tmp_path.iterdir()) == [] and time.time() - t0 < 60
+    bad = py("launch/stages.py", "--threads", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == "--threads: >= 0 (0 = half the cores), got -1"
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -322,6 +387,20 @@ def test_sft_split_and_snippets():
     assert texts.snippet("Too short.", rng, 3, 6) is None
     got = texts.heldout_sentences([(text, 1), ("Bad.", 0)], 0, 4, 40)
     assert len(got) == 1 and got[0][1] == 1 and got[0][0] in text
+
+
+def test_reward_model_training_examples_cut_reviews_at_the_training_length():
+    from warp_dist.stages.reward_model import training_examples
+
+    rows = [("Great film. I loved every minute of it, the cast was superb.", 1), ("Dull. A waste of two hours.", 0)]
+    same = load_stage_config("reward_model", RM_YAML, ["data.snippets_per_review=1"])
+    short = load_stage_config("reward_model", RM_YAML, ["data.snippets_per_review=1", "data.train_review_max_tokens=100"])
+    for cfg, whole in ((same, 256), (short, 100)):
+        ex = training_examples(rows, cfg)
+        assert [e[2] for e in ex if e[0] in dict(rows)] == [whole, whole]  # the test still reads 256 tokens
+        assert all(e[2] == cfg.data.snippet_max_tokens for e in ex if e[0] not in dict(rows))
+    with pytest.raises(ConfigError, match="data.train_review_max_tokens"):
+        load_stage_config("reward_model", RM_YAML, ["data.train_review_max_tokens=3"])
 
 
 def test_length_batches_group_similar_lengths():

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 TRACKERS = ("tensorboard", "wandb")  # log_with choices (besides none)
+MERGE_KERNELS = ("auto", "eager", "compiled")  # merge.kernel choices: auto + merging.KERNELS (a test keeps them equal)
 
 
 @dataclass
@@ -260,7 +261,7 @@ def validate(c: WarpConfig) -> None:
            t.gradient_checkpointing)
     _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
     _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
-    _check(m.kernel in ("auto", "eager", "compiled"), "merge.kernel", "auto | eager | compiled", m.kernel)
+    _check(m.kernel in MERGE_KERNELS, "merge.kernel", " | ".join(MERGE_KERNELS), m.kernel)
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
            "float32 | bfloat16 (float16 would need loss scaling; bfloat16 keeps fp32 master weights)", c.model.dtype)
     _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)

@@ -104,7 +104,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     input: a NaN/inf in a policy or in init makes a diagonal entry non-finite. Temporaries: a few chunks.
     `out` / `nxt`: destinations (init's dtype and number of elements) to write into instead of new tensors, so a
     caller that merges tensor after tensor reuses its buffers (fresh memory costs a page fault per 4 KiB).
-    `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `fused_sweeps` (the whole merge as one
+    `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `compiled_merge_pass` (the whole merge as one
     torch.compile graph: each sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones
     stay eager.
     Outputs in init's dtype.
@@ -123,7 +123,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     if kernel not in KERNELS:
         raise ValueError(f"merge_pass kernel={kernel!r}: allowed {', '.join(KERNELS)}")
     if kernel == "compiled" and n >= COMPILED_MIN:
-        return fused_sweeps(x, ps, f, lam, eta, out, nxt, init)
+        return compiled_merge_pass(x, ps, f, lam, eta, out, nxt, init)
     c = max(1, min(chunk, n))
     k = M + (1 if f is not None else 0)  # rows actually formed
     rows = torch.empty(k, c, dtype=torch.float32)
@@ -242,9 +242,9 @@ def compiled_merge(dtype: torch.dtype, num_policies: int, with_sft: bool):
     return _COMPILED[key]
 
 
-def fused_sweeps(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: float, eta: float,
-                 out: torch.Tensor | None, nxt: torch.Tensor | None, like: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compiled_merge_pass(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: float, eta: float,
+                        out: torch.Tensor | None, nxt: torch.Tensor | None, like: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`merge_pass` on flat tensors with the compiled graph: each sweep one fused loop that reads its inputs once."""
     M = len(ps)
     fn = compiled_merge(x.dtype, M, f is not None)

@@ -362,10 +362,11 @@ class Warp:
 
         first = iteration == 1  # theta_init is the SFT model: |theta_slerp - sft| needs no second read
 
-        model_bytes = 4 * sum(int(torch.Size(w.shapes[n]).numel()) for n in w.names)  # merged in fp32
+        numels = [int(torch.Size(w.shapes[n]).numel()) for n in w.names]
+        model_bytes = 4 * sum(numels)  # merged in fp32
         kernel = merging.kernel_for(cfg.merge.kernel, model_bytes, d.topo.num_policies, cfg.train.iterations)
 
-        largest = max(int(torch.Size(w.shapes[n]).numel()) for n in w.names)
+        largest = max(numels)
         reused: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def merge_fn(name, init_full, policies):

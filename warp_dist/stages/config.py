@@ -113,7 +113,8 @@ class RewardModelDataConfig:
     seed: int = 0  # shuffle of the labelled reviews (-> the train / test split) and of the snippets
     num_train_reviews: int = 2000  # training reviews (the first of the shuffle)
     num_test_reviews: int = 1000  # held-out reviews (the last of the shuffle), never trained on
-    review_max_tokens: int = 256  # whole-review examples, in training and in the test: the review's first N tokens
+    review_max_tokens: int = 256  # the held-out whole-review test reads each review's first N tokens
+    train_review_max_tokens: int = 0  # whole-review training examples: the review's first N tokens (0 = review_max_tokens)
     snippets_per_review: int = 2  # short examples cut from each training review, labelled with the review's label
     snippet_min_words: int = 4  # a snippet (and a test sentence) has at least this many words ...
     snippet_max_words: int = 40  # ... and at most this many (a WARP text is an 8-token prompt + ~24 tokens)
@@ -130,6 +131,8 @@ class RewardModelTrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping
     freeze_embeddings: bool = False  # keep the encoder's token embeddings as pretrained (not trained, no optimizer state)
+    freeze_layers: int = 0  # keep the encoder's first N transformer layers as pretrained (no backward through them)
+    head_lr: float = 0.0  # peak learning rate of the new head (classifier, and BERT's pooler); 0 = train.lr
     seed: int = 0  # the new classification head, dropout, batch order
 
 
@@ -166,6 +169,8 @@ def validate_reward_model(c: RewardModelConfig) -> None:
            f"<= 25000 - data.num_test_reviews ({25000 - d.num_test_reviews}): IMDB has 25,000 labelled reviews",
            d.num_train_reviews)
     _check(d.review_max_tokens >= 8, "data.review_max_tokens", ">= 8", d.review_max_tokens)
+    _check(d.train_review_max_tokens == 0 or d.train_review_max_tokens >= 8, "data.train_review_max_tokens",
+           "0 (= data.review_max_tokens) or >= 8", d.train_review_max_tokens)
     _check(d.snippets_per_review >= 0, "data.snippets_per_review", ">= 0", d.snippets_per_review)
     _check(d.snippet_min_words >= 1, "data.snippet_min_words", ">= 1", d.snippet_min_words)
     _check(d.snippet_max_words >= d.snippet_min_words, "data.snippet_max_words", ">= data.snippet_min_words",
@@ -173,6 +178,8 @@ def validate_reward_model(c: RewardModelConfig) -> None:
     _check(d.snippet_max_tokens >= 4, "data.snippet_max_tokens", ">= 4", d.snippet_max_tokens)
     _check(d.start_tokens >= 4, "data.start_tokens", ">= 4", d.start_tokens)
     _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    _check(t.freeze_layers >= 0, "train.freeze_layers", ">= 0", t.freeze_layers)
+    _check(t.head_lr >= 0, "train.head_lr", ">= 0 (0 = train.lr)", t.head_lr)
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)

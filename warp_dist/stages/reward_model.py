@@ -4,7 +4,7 @@
     # then in WARP: reward.kind=classifier reward.name=<output_dir> reward.label=1 reward.minus_label=0
 
 WARP scores short texts (an 8-token prompt + ~24 new tokens), so the classifier is trained on whole reviews (their
-first data.review_max_tokens tokens) and on short snippets of the same reviews (single sentences, or a few words
+first data.train_review_max_tokens tokens) and on short snippets of the same reviews (single sentences, or a few words
 from a sentence start; data.snippets_per_review of them per review, labelled with the review's label). Batches hold
 examples of similar length (sorted, then the batch order shuffled), padded per batch. The held-out test (reviews the
 classifier never saw) reports accuracy on whole reviews, on review starts (the first data.start_tokens tokens: a
@@ -69,9 +69,10 @@ def training_examples(rows: list[tuple[str, int]], cfg: RewardModelConfig) -> li
 
     d = cfg.data
     rng = random.Random(d.seed + 1)
+    whole = d.train_review_max_tokens or d.review_max_tokens
     out = []
     for text, label in rows:
-        out.append((text, label, d.review_max_tokens))
+        out.append((text, label, whole))
         for _ in range(d.snippets_per_review):
             s = snippet(text, rng, d.snippet_min_words, d.snippet_max_words)
             if s:
@@ -237,7 +238,8 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
         "accuracy_whole_reviews": results["whole_reviews"]["accuracy"],
         "accuracy_review_starts": results["review_starts"]["accuracy"],
         "accuracy_sentences": results["sentences"]["accuracy"],
-        "test": {**results, "whole_reviews_tokens": d.review_max_tokens, "review_starts_tokens": d.start_tokens,
+        "test": {**results, "whole_reviews_tokens": d.review_max_tokens,
+                 "train_review_tokens": d.train_review_max_tokens or d.review_max_tokens, "review_starts_tokens": d.start_tokens,
                  "what": f"the last {d.num_test_reviews} reviews of the seed-{d.seed} shuffle (never trained on); "
                          "sentences: one per review, with the review's label"},
         "id2label": {str(k): v for k, v in ID2LABEL.items()},
@@ -254,12 +256,27 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
     return summary
 
 
+def encoder_layers(model) -> list:
+    """The encoder's transformer layers in order (BERT: encoder.layer, DistilBERT: transformer.layer, ...): the
+    module list in the base model with config.num_hidden_layers entries."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    for m in model.base_model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return list(m)
+    raise StageError(f"train.freeze_layers: no list of {n} encoder layers found in {type(model).__name__}")
+
+
 def _fit(cfg: RewardModelConfig, model, seqs, labels, pad_id: int, device, check_finite) -> list[float]:
     """The optimizer loop; returns the loss of every step."""
     import torch
     import torch.nn.functional as F
 
     t = cfg.train
+    layers = encoder_layers(model) if t.freeze_layers else []
+    if t.freeze_layers > len(layers):
+        raise StageError(f"train.freeze_layers={t.freeze_layers}: allowed 0..{len(layers)} (the encoder's layers)")
     rng = random.Random(t.seed)
     lengths = [len(s) for s in seqs]
     epochs = [length_batches(lengths, t.batch_size, rng) for _ in range(t.epochs)]
@@ -267,11 +284,19 @@ def _fit(cfg: RewardModelConfig, model, seqs, labels, pad_id: int, device, check
     warmup = int(t.warmup_ratio * total)
     if t.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.ndim >= 2]
-    rest = [p for p in trained if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=t.lr, fused=device.type in ("cpu", "cuda"))
+    for layer in layers[:t.freeze_layers]:
+        layer.requires_grad_(False)
+    prefix = model.base_model_prefix + "."
+    groups = []
+    for head in (False, True):  # the encoder, then the new head (its own learning rate)
+        ps = [(n, p) for n, p in model.named_parameters()
+              if p.requires_grad and head == (not n.startswith(prefix) or ".pooler." in n)]
+        lr = (t.head_lr or t.lr) if head else t.lr
+        groups += [{"params": [p for _, p in ps if p.ndim >= 2], "weight_decay": t.weight_decay, "lr": lr},
+                   {"params": [p for _, p in ps if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    groups = [g for g in groups if g["params"]]
+    trained = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=t.lr, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     y_all = torch.tensor(labels)
     losses: list[float] = []
