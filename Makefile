@@ -27,10 +27,9 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-# The whole pipeline, offline: SFT stage and reward-model stage (side by side, each on half the cores:
-# launch/stages.py) -> WARP from the SFT model against the reward model -> plain-REINFORCE baselines -> evaluation
-# and report. The two stages are cached by their resolved config (runs/sft-<hash>, runs/reward_model-<hash>): a
-# second `make demo` skips them.
+# The whole pipeline, offline: SFT stage -> reward-model stage -> WARP from the SFT model against the reward
+# model -> plain-REINFORCE baselines -> evaluation and report. The two stages are cached by their resolved config
+# (runs/sft-<hash>, runs/reward_model-<hash>): a second `make demo` skips them.
 DEMO_OUT ?= runs/demo
 DEMO_BETAS ?= 0.05,0.2
 DEMO_STEPS ?= 10
@@ -38,7 +37,8 @@ DEMO_ETAS ?= 0,0.2,...,1
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
-	$(BIN)/python launch/stages.py --sft-args "$(SFT_ARGS)" --rm-args "$(RM_ARGS)"
+	$(BIN)/python launch/sft.py --config configs/sft.yaml $(SFT_ARGS)
+	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
 	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
 	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
 	stages="model.name=$$sft reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \

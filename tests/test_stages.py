@@ -262,33 +262,6 @@ def test_warp_runs_from_the_sft_model_with_the_reward_model(sft_run, rm_run, tmp
     assert any(r["kind"] == "train" for r in recs)
 
 
-def test_both_stages_side_by_side(rm_run, tmp_path):
-    """launch/stages.py (make demo's first step): a fresh SFT run next to a cached reward model; --threads reaches
-    the stage (its summary's torch_threads)."""
-    rm, _ = rm_run
-    sft = tmp_path / "sft"
-    proc = py("launch/stages.py", "--threads", "2", "--sft-args", " ".join([*SFT_TINY, f"output_dir={sft}"]),
-              "--rm-args", " ".join([f"model.name={rm.parent / 'tiny_bert'}", *RM_TINY, f"output_dir={rm}"]))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sft and reward_model side by side, 2 CPU threads each" in proc.stdout
-    assert "already holds this config's result" in proc.stdout  # the reward model: cached
-    s = json.loads((sft / "summary.json").read_text())
-    assert s["complete"] is True and s["torch_threads"] == 2 and s["eval_loss_after"] < s["eval_loss_before"]
-
-
-def test_both_stages_a_failing_stage_stops_the_other(tmp_path):
-    sft = tmp_path / "sft"
-    t0 = time.time()
-    proc = py("launch/stages.py", "--threads", "1", "--sft-args", " ".join([*SFT_TINY, f"output_dir={sft}"]),
-              "--rm-args", "train.warmup_ratio=2")
-    assert proc.returncode == 2
-    assert "config error: train.warmup_ratio=2.0 is invalid" in proc.stderr
-    assert "stages: reward_model failed (exit 2); stopping sft" in proc.stderr
-    assert not sft.exists() and list(tmp_path.iterdir()) == [] and time.time() - t0 < 60
-    bad = py("launch/stages.py", "--threads", "-1")
-    assert bad.returncode == 2 and bad.stderr.strip() == "--threads: >= 0 (0 = half the cores), got -1"
-
-
 # ------------------------------------------------------------------------------------------------- errors
 def test_bad_config_is_one_line_before_any_work():
     for script, yaml, arg, msg in (
