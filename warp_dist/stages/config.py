@@ -121,6 +121,11 @@ class RewardModelDataConfig:
     snippet_max_tokens: int = 64  # truncation of snippets and test sentences
     start_tokens: int = 32  # test figure on the first N tokens of each held-out review (a WARP text's length)
 
+    @property
+    def train_review_tokens(self) -> int:
+        """The training length of whole reviews: train_review_max_tokens, or review_max_tokens when it is 0."""
+        return self.train_review_max_tokens or self.review_max_tokens
+
 
 @dataclass
 class RewardModelTrainConfig:

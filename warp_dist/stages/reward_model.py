@@ -69,10 +69,9 @@ def training_examples(rows: list[tuple[str, int]], cfg: RewardModelConfig) -> li
 
     d = cfg.data
     rng = random.Random(d.seed + 1)
-    whole = d.train_review_max_tokens or d.review_max_tokens
     out = []
     for text, label in rows:
-        out.append((text, label, whole))
+        out.append((text, label, d.train_review_tokens))
         for _ in range(d.snippets_per_review):
             s = snippet(text, rng, d.snippet_min_words, d.snippet_max_words)
             if s:
@@ -239,7 +238,7 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
         "accuracy_review_starts": results["review_starts"]["accuracy"],
         "accuracy_sentences": results["sentences"]["accuracy"],
         "test": {**results, "whole_reviews_tokens": d.review_max_tokens,
-                 "train_review_tokens": d.train_review_max_tokens or d.review_max_tokens, "review_starts_tokens": d.start_tokens,
+                 "train_review_tokens": d.train_review_tokens, "review_starts_tokens": d.start_tokens,
                  "what": f"the last {d.num_test_reviews} reviews of the seed-{d.seed} shuffle (never trained on); "
                          "sentences: one per review, with the review's label"},
         "id2label": {str(k): v for k, v in ID2LABEL.items()},
