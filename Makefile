@@ -6,6 +6,9 @@ STAMP   := $(VENV)/.installed
 # CPU machines get vLLM's CPU build; set EXTRAS=vllm,deepspeed,dev on a CUDA machine.
 EXTRAS  ?= cpu,deepspeed,dev
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers (the cores, at most 4), each pinned to its own share
+# of the cores by tests/conftest.py; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install demo test test-slow test-all bench lint clean
 
@@ -49,7 +52,7 @@ demo: install
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
