@@ -48,7 +48,7 @@ demo: install
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
 		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true train.steps=$(DEMO_STEPS) $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
-		--out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false $$stages
+		--out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false eval.reuse_from=$(DEMO_OUT) $$stages
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install

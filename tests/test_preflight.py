@@ -290,6 +290,16 @@ def test_topology_and_batch_split_are_checked(tmp_path):
         preflight.check(load_config(TINY, [f"output_dir={tmp_path}"]), world_size=3)
 
 
+def test_eval_reuse_from_must_name_folders(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for bad in ("nowhere", "a_file"):
+        cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"eval.reuse_from={tmp_path}, {tmp_path / bad}"])
+        with pytest.raises(preflight.PreflightError, match=rf"^eval.reuse_from: {tmp_path / bad} is not a folder "
+                           r"\(allowed: run folders, comma-separated\)$"):
+            preflight.check_reuse(cfg)
+    preflight.check_reuse(load_config(TINY, [f"eval.reuse_from={tmp_path}"]))
+
+
 def test_a_good_config_passes_and_counts_parameters(tmp_path, tiny_model_path):
     cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}"])
     preflight.check(cfg, world_size=1)

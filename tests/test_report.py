@@ -47,7 +47,7 @@ def finished(tmp_path_factory, tiny_model_path):
           "train.steps=2", "save_iterations=true", "eval.batch_size=8"])
     base = root / "baselines"
     proc = _run(["-m", "warp_dist.sweep", "--config", str(ROOT / "configs" / "baseline_reinforce.yaml"),
-                 "--betas", "0.05", "--out", str(base), *TINY_BASELINE])
+                 "--betas", "0.05", "--out", str(base), *TINY_BASELINE, f"eval.reuse_from={run}"])
     assert f"baselines: {base / 'beta_0.05'}" in proc.stdout
     _run([str(ROOT / "launch" / "eval.py"), "--run", str(run), "--eta-grid", "0,0.5,1", "--iterations",
           "--baselines", str(base / "beta_0.05")])
@@ -78,6 +78,23 @@ def test_eta_endpoints_reproduce_sft_and_final_exactly(finished):
     assert all("reused_from" not in r for r in rows if r["kind"] in ("policy", "front") and "same_as" not in r)
     summary = json.loads((run / "summary.json").read_text())
     assert by["final"]["reward_mean"] == summary["final"]["reward_mean"]
+
+
+def test_baseline_took_the_sft_evaluation_of_the_warp_run(finished):
+    """eval.reuse_from: the baseline run (same SFT model and settings) took the WARP run's SFT evaluation from its
+    evals.json instead of making it again: the same numbers, and the record says where they came from."""
+    run, _ = finished
+
+    def sft_record(folder):
+        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in recs if r["kind"] == "eval" and r["model"] == "sft")
+
+    mine, theirs = sft_record(run), sft_record(run.parent / "baselines" / "beta_0.05")
+    assert "reused_from" not in mine and theirs["reused_from"] == str(run / "evals.json")
+    for key in KEYS + CI_KEYS:
+        assert theirs[key] == mine[key], key
+    b_summary = json.loads((run.parent / "baselines" / "beta_0.05" / "summary.json").read_text())
+    assert b_summary["per_prompt"]["sft"] == json.loads((run / "summary.json").read_text())["per_prompt"]["sft"]
 
 
 def test_reused_rows_equal_recomputed_ones(finished, tmp_path):

@@ -116,6 +116,9 @@ class EvalConfig:
     # | vader | none | a sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
     judge: str = "auto"
     judge_classifier: str = ""  # classifier (folder / hub id, id2label {0: NEGATIVE, 1: POSITIVE}) auto uses with VADER
+    # Run folders (comma list) whose evals.json may supply this run's SFT evaluation: taken only when it was made
+    # with the same SFT weights and settings (warp_dist.evalcache), else the SFT model is evaluated here as usual
+    reuse_from: str = ""
 
 
 @dataclass

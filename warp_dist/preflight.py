@@ -54,6 +54,7 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_judge(cfg)
     check_trackers(cfg)
     check_merge(cfg)
+    check_reuse(cfg)
     num_params = check_model(cfg)
     check_disk(cfg, num_params, world_size)
 
@@ -152,6 +153,12 @@ def check_merge(cfg: WarpConfig) -> None:
         why = compiler_available()
         if why:
             raise PreflightError(f"merge.kernel=compiled: {why}; use merge.kernel=eager or auto")
+
+
+def check_reuse(cfg: WarpConfig) -> None:
+    for run in (r.strip() for r in cfg.eval.reuse_from.split(",")):
+        if run and not Path(run).is_dir():
+            raise PreflightError(f"eval.reuse_from: {run} is not a folder (allowed: run folders, comma-separated)")
 
 
 def check_data(cfg: WarpConfig) -> None:

@@ -491,8 +491,10 @@ class Warp:
                  f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind} -> {out}"
                  + (f" (resumed at checkpoint {pos['seq']}: {pos['phase']})" if pos["seq"] else ""))
         if pos["sft_eval"] is None:  # phase: the SFT model
-            ev = self.evaluate_state(self.sft.full, None)
-            self.record({"kind": "eval", "model": "sft", "iteration": 0, **ev.metrics})
+            reused = self.reused_sft_eval()
+            ev = reused[1] if reused else self.evaluate_state(self.sft.full, None)
+            self.record({"kind": "eval", "model": "sft", "iteration": 0, **ev.metrics,
+                         **({"reused_from": reused[0]} if reused else {})})
             self.log(fmt_metrics("SFT", ev.metrics))
             pos["sft_eval"] = ev.to_json()
             self.checkpoint("sft evaluated")
@@ -586,6 +588,31 @@ class Warp:
         if self.is_main:  # the run is complete: its resumable state is no longer needed (final/ is the result)
             checkpoint.remove_tree(self.state_dir)
         return summary
+
+    def reused_sft_eval(self) -> tuple[str, EvalResult] | None:
+        """eval.reuse_from: (the file, the SFT evaluation) of another run made with this SFT model's weights and these
+        settings (the rule launch/eval.py reuses by); rank 0 looks, every rank gets its answer. None: evaluate here."""
+        runs = [r.strip() for r in self.cfg.eval.reuse_from.split(",") if r.strip()]
+        if not runs:
+            return None
+        found = None
+        if self.is_main:
+            setting = evalcache.settings(self.cfg, bool(self.cfg.train.deepspeed))
+            digest = evalcache.folder_digest(self.model_path)
+            for run in runs:
+                store = evalcache.Store(run)
+                res = store.get("sft", setting, digest, digest)
+                if res is not None:
+                    found = (str(store.path), res.to_json())
+                    break
+            if found is None:
+                self.log(f"eval.reuse_from: no evaluation of this SFT model with these settings in {', '.join(runs)}; "
+                         "evaluating it here")
+        found = self.dist.broadcast_object(found)
+        if found is None:
+            return None
+        self.log(f"SFT evaluation taken from {found[0]} (same SFT weights and settings)")
+        return found[0], EvalResult.from_json(found[1])
 
     def write_evals(self, out: Path, pos: dict, sft_eval: EvalResult, final_eval: EvalResult) -> None:
         """<run>/evals.json (warp_dist.evalcache): this run's evaluations, keyed by the weights they measured, for
