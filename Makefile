@@ -37,6 +37,8 @@ DEMO_OUT ?= runs/demo
 DEMO_BETAS ?= 0.05,0.2
 DEMO_STEPS ?= 10
 DEMO_ETAS ?= 0,0.2,...,1
+# the baselines run side by side, each on its share of the cores (1 = one after the other; at most the cores)
+DEMO_PARALLEL ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 2 || echo 1)
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
@@ -48,7 +50,7 @@ demo: install
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
 		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true train.steps=$(DEMO_STEPS) $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
-		--out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false eval.reuse_from=$(DEMO_OUT) $$stages
+		--parallel $(DEMO_PARALLEL) --out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false eval.reuse_from=$(DEMO_OUT) $$stages
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install

@@ -8,6 +8,8 @@ subprocess; the other tests read its files.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -24,9 +26,15 @@ FIXED = ["train.steps=1", "train.iterations=1", "train.batch_size=4", "rollout.m
          "reward.kind=callable", "reward.callable=tests.toy_rewards:share_of_e"]
 
 
-def _sweep(out, *extra):
-    cmd = [sys.executable, "-m", "warp_dist.sweep", "--config", str(TINY), *GRID, "--out", str(out), *FIXED, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+ONE_THREAD = {"WARP_DIST_NUM_THREADS": 1, "OMP_NUM_THREADS": 1}  # what a point side by side on 2 cores gets
+
+
+def _sweep(out, *extra, grid=GRID, fixed=FIXED, all_cores=False):
+    cmd = [sys.executable, "-m", "warp_dist.sweep", "--config", str(TINY), *grid, "--out", str(out), *fixed, *extra]
+    # all_cores: the sweep may use every core of the machine, not only this xdist worker's share
+    widen = (lambda: os.sched_setaffinity(0, range(os.cpu_count()))) if all_cores else None
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**ONE_THREAD), capture_output=True, text=True,
+                          timeout=400, preexec_fn=widen)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +167,81 @@ def test_point_names_and_grid_forms():
     assert [p.name for p in pts] == ["lr_0.001__eta_0.3", "lr_0.001__eta_0.5", "lr_0.002__eta_0.3",
                                      "lr_0.002__eta_0.5"]
     assert pts[1].cfg.output_dir == "runs/g/lr_0.001__eta_0.5" and pts[1].cfg.merge.eta == 0.5
+
+
+def test_slots_split_cores_and_devices_equally():
+    assert sweep.slots(2, [0, 1], []) == [sweep.Slot([0], None), sweep.Slot([1], None)]
+    assert sweep.slots(2, [4, 5, 6, 7, 8], [0, 1, 2]) == [sweep.Slot([4, 5], 0), sweep.Slot([6, 7], 1)]
+    assert sweep.slots(1, [0, 1], []) == [sweep.Slot([0, 1], None)]
+    assert sweep.Slot([2, 3], 1).env() == {"WARP_DIST_NUM_THREADS": "2", "OMP_NUM_THREADS": "2",
+                                            "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "1"}
+    for args, needle in [((0, [0, 1], []), "--parallel 0: allowed 1"), ((3, [0, 1], []), "allowed 1..2"),
+                         ((2, [0, 1, 2, 3], [0]), "1 CUDA device(s) visible, allowed 1..1")]:
+        with pytest.raises(sweep.ConfigError, match=re.escape(needle)):
+            sweep.slots(*args)
+
+
+def test_bad_parallel_is_one_line_before_anything_runs(tmp_path, capsys):
+    cores = len(os.sched_getaffinity(0))
+    for n, needle in [(0, "--parallel 0: allowed 1"), (cores + 1, f"allowed 1..{cores}")]:
+        args = ["--config", str(TINY), *GRID, "--out", str(tmp_path / "x"), "--parallel", str(n)]
+        assert sweep.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("config error:") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs 2 cores")
+
+
+@needs_two_cores
+def test_side_by_side_points_match_the_points_run_one_after_the_other(swept, tmp_path):
+    """--parallel 2 on 2 cores: each point its own process on its own core, one thread, its log apart; every point
+    ends exactly as the same point run in the one-after-the-other sweep (also one thread); a rerun skips both."""
+    seq, _ = swept
+    out = tmp_path / "grid"
+    proc = _sweep(out, "--parallel", "2", all_cores=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on cores [0]" in proc.stdout and "on cores [1]" in proc.stdout
+    for name in ("lr_0.001", "lr_0.002"):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "WARP:" in log or "final" in log, log[-2000:]
+        a, b = (json.loads((d / name / "summary.json").read_text()) for d in (seq, out))
+        assert b["final"]["reward_mean"] == a["final"]["reward_mean"], name
+        assert b["final"]["kl_mean"] == a["final"]["kl_mean"], name
+        assert b["samples"] == a["samples"], name
+    rows = json.loads((out / "sweep.json").read_text())["points"]
+    assert [r["name"] for r in rows] == ["lr_0.001", "lr_0.002"] and {r["action"] for r in rows} == {"trained"}
+    again = _sweep(out, "--parallel", "2", all_cores=True)
+    assert again.returncode == 0 and again.stdout.count("already holds the finished run") == 2
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(cmd)
+    return found
+
+
+@needs_two_cores
+def test_a_failing_point_side_by_side_stops_the_others(tmp_path):
+    """One point's reward raises: the sweep exits 1 naming it, the long point beside it (2000 steps) is stopped (no
+    process left, no summary), and the next run of the same sweep does not count either as finished."""
+    out = tmp_path / "grid"
+    grid = ["--grid", "reward.callable=tests.toy_rewards:share_of_e,tests.toy_rewards:raises_value_error"]
+    fixed = ["train.steps=2000", *FIXED[1:6], "reward.kind=callable"]
+    proc = _sweep(out, "--parallel", "2", grid=grid, fixed=fixed, all_cores=True)
+    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    bad, good = "callable_tests.toy_rewards-raises_value_error", "callable_tests.toy_rewards-share_of_e"
+    assert f"FAILED (exit code 1; log {out / 'logs' / bad}.log)" in proc.stdout
+    assert "cannot score an empty completion" in proc.stderr  # the failing point's own error, from its log
+    assert not (out / good / "summary.json").exists() and not (out / "sweep.json").exists()
+    assert not _processes_naming(str(out)), "a point of the sweep is still running"
+    sweep_grid = sweep.parse_grid([grid[1]])
+    actions = {p.name: p.action for p in sweep.plan(TINY, sweep_grid, out, fixed)}
+    assert actions[good] != "skip" and actions[bad] != "skip"  # neither counts as finished
