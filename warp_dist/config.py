@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 TRACKERS = ("tensorboard", "wandb")  # log_with choices (besides none)
+ATTENTIONS = ("auto", "sdpa", "eager")  # model.attention choices
 MERGE_KERNELS = ("auto", "eager", "compiled")  # merge.kernel choices: auto + merging.KERNELS (a test keeps them equal)
 
 
@@ -31,6 +32,7 @@ class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (weights, EMA, theta_init and merging stay fp32)
     cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
+    attention: str = "auto"  # training/eval attention kernel: auto (eager for bf16 on CPU, else sdpa) | sdpa | eager
 
 
 @dataclass
@@ -267,6 +269,7 @@ def validate(c: WarpConfig) -> None:
     _check(m.kernel in MERGE_KERNELS, "merge.kernel", " | ".join(MERGE_KERNELS), m.kernel)
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
            "float32 | bfloat16 (float16 would need loss scaling; bfloat16 keeps fp32 master weights)", c.model.dtype)
+    _check(c.model.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), c.model.attention)
     _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
     _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
     _check(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)

@@ -169,12 +169,14 @@ def disable_dropout(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """AutoModelForCausalLM from a resolved path, in train mode with dropout off (REINFORCE wants exact log-probs)."""
+def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device = "cpu", attention: str = ""):
+    """AutoModelForCausalLM from a resolved path, in train mode with dropout off (REINFORCE wants exact log-probs).
+    `attention`: the attn_implementation ("sdpa", "eager"; "" = transformers' default)."""
     from transformers import AutoModelForCausalLM
 
+    kw = {"attn_implementation": attention} if attention else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
     except OSError as exc:
         raise RuntimeError(
             f"model.name={path!r} could not be loaded ({str(exc).splitlines()[0]}); without hub access use a local "

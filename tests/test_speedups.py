@@ -1,0 +1,130 @@
+"""Correctness of the speed-ups (speed issue): each one must give the log-probs of the plain path.
+
+- completion-only logits (`logits_to_keep`) == the last positions of the full-sequence pass;
+- bf16 autocast (fp32 weights) within a stated tolerance of fp32;
+- the eager attention kernel (what `model.attention=auto` picks for short bf16 sequences on CPU) == sdpa.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from warp_dist.config import ConfigError, config_from_dict
+from warp_dist.policy import EAGER_MAX_TOKENS, attention_impl
+from warp_dist.trainer import Warp
+
+# bf16 autocast vs fp32, token log-probs (nats) of the tiny GPT-2 on the sampled completions below: measured max |diff|
+# 0.0016, mean 0.0005 (2-core Xeon, sdpa and eager alike); the bounds leave ~6x / 4x room
+BF16_MAX_ABS = 0.01
+BF16_MEAN_ABS = 0.002
+
+
+def _cfg(tmp_path, **model):
+    return config_from_dict({
+        "output_dir": str(tmp_path), "progress": False,
+        "model": {"name": "embedded:tiny-gpt2", **model},
+        "data": {"prompt_min_tokens": 3, "prompt_max_tokens": 8, "num_train_prompts": 16, "num_eval_prompts": 8},
+        "reward": {"kind": "vader"}, "rollout": {"backend": "hf", "max_new_tokens": 10},
+        "train": {"iterations": 1, "policies": 1, "batch_size": 8},
+        "eval": {"batch_size": 8},
+    })
+
+
+@pytest.fixture(scope="module")
+def batch_and_fp32(tmp_path_factory, tiny_model_path):
+    """One sampled batch (left-padded prompts of 3..8 tokens, completions of unequal length) and its fp32 log-probs."""
+    w = Warp(_cfg(tmp_path_factory.mktemp("fp32"), attention="sdpa"), log=lambda *_: None)
+    try:
+        prompts = [w.train_prompts.ids[i] for i in range(8)]
+        gens = w.backend.generate(prompts, w.sampling, seed=11)
+        from warp_dist.rollout import build_batch
+
+        batch = build_batch(gens, w.pad)
+        lp, _ = w.logprobs(w.reference.logits, batch)
+        full = _full_pass_logprobs(w, batch)
+    finally:
+        w.close()
+    assert len({int(m.sum()) for m in batch.mask}) > 1 or batch.mask.min() == 1  # a real batch
+    return batch, lp, full
+
+
+def _full_pass_logprobs(w, batch):
+    """The same log-probs from logits of EVERY position (no logits_to_keep), cut to the completion afterwards."""
+    ws = w.reference.w
+    keep_flag, ws._keep = ws._keep, False
+    try:
+        lp, _ = w.logprobs(w.reference.logits, batch)
+    finally:
+        ws._keep = keep_flag
+    return lp
+
+
+def test_completion_only_logits_equal_the_full_pass(batch_and_fp32):
+    batch, lp, full = batch_and_fp32
+    m = batch.mask > 0
+    torch.testing.assert_close(lp[m], full[m], rtol=0, atol=1e-5)
+
+
+def test_tiny_gpt2_supports_completion_only_logits(tmp_path, tiny_model_path):
+    w = Warp(_cfg(tmp_path), log=lambda *_: None)
+    try:
+        assert w.reference.w._keep and w.policy.w._keep  # the fast path is the one the trainer takes
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_bf16_autocast_logprobs_within_tolerance_of_fp32(batch_and_fp32, tmp_path, attention):
+    batch, lp32, _ = batch_and_fp32
+    w = Warp(_cfg(tmp_path, dtype="bfloat16", attention=attention), log=lambda *_: None)
+    try:
+        assert w.attention == attention
+        lp16, _ = w.logprobs(w.reference.logits, batch)
+        with torch.no_grad():
+            train_lp, _ = w.logprobs(w.policy.loss_logits, batch)  # the pass gradients flow through
+    finally:
+        w.close()
+    m = batch.mask > 0
+    diff = (lp16[m] - lp32[m]).abs()
+    assert lp16.dtype == torch.float32
+    assert diff.max() <= BF16_MAX_ABS and diff.mean() <= BF16_MEAN_ABS, (diff.max(), diff.mean())
+    assert diff.max() > 0  # it did compute in bf16
+    torch.testing.assert_close(train_lp[m], lp16[m], rtol=0, atol=1e-6)
+
+
+def test_eager_attention_equals_sdpa_in_fp32(batch_and_fp32, tmp_path):
+    batch, lp_sdpa, _ = batch_and_fp32
+    w = Warp(_cfg(tmp_path, attention="eager"), log=lambda *_: None)
+    try:
+        assert w.policy.module.config._attn_implementation == "eager"
+        lp, _ = w.logprobs(w.reference.logits, batch)
+    finally:
+        w.close()
+    m = batch.mask > 0
+    torch.testing.assert_close(lp[m], lp_sdpa[m], rtol=0, atol=1e-5)
+
+
+def test_auto_attention_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_impl("auto", cpu, torch.bfloat16, 34) == "eager"
+    assert attention_impl("auto", cpu, torch.bfloat16, EAGER_MAX_TOKENS + 1) == "sdpa"  # long: eager keeps L x L
+    assert attention_impl("auto", cpu, torch.float32, 34) == "sdpa"
+    assert attention_impl("auto", cuda, torch.bfloat16, 34) == "sdpa"
+    assert attention_impl("sdpa", cpu, torch.bfloat16, 34) == "sdpa"
+    assert attention_impl("eager", cuda, torch.float32, 4096) == "eager"
+
+
+def test_auto_attention_in_the_trainer(tmp_path, tiny_model_path):
+    w = Warp(_cfg(tmp_path, dtype="bfloat16"), log=lambda *_: None)  # prompts 8 + 2 + 10 new tokens: short
+    try:
+        assert w.attention == "eager"
+        for m in (w.policy.module, w.reference.w.module):
+            assert m.config._attn_implementation == "eager"
+    finally:
+        w.close()
+
+
+def test_bad_attention_is_one_line():
+    with pytest.raises(ConfigError, match=r"model\.attention.*auto \| sdpa \| eager"):
+        config_from_dict({"model": {"attention": "flash"}})
