@@ -183,8 +183,9 @@ def test_slots_split_cores_and_devices_equally():
 
 def test_bad_parallel_is_one_line_before_anything_runs(tmp_path, capsys):
     cores = len(os.sched_getaffinity(0))
-    for n, needle in [(0, "--parallel 0: allowed 1"), (cores + 1, f"allowed 1..{cores}")]:
-        args = ["--config", str(TINY), *GRID, "--out", str(tmp_path / "x"), "--parallel", str(n)]
+    for n, needle, extra in [(0, "--parallel 0: allowed 1", []), (cores + 1, f"allowed 1..{cores}", []),
+                             (2, "--parallel 2 with --only: --only runs one point", ["--only", "lr_0.001"])]:
+        args = ["--config", str(TINY), *GRID, "--out", str(tmp_path / "x"), "--parallel", str(n), *extra]
         assert sweep.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("config error:") and needle in err and "\n" not in err, err

@@ -203,12 +203,18 @@ def run_points(points: list[Point]) -> None:
     check_points(points, int(os.environ.get("WORLD_SIZE", "1")))
     for p in points:
         if p.action == "skip":
-            log(f"sweep: {p.folder} already holds the finished run ({_desc(p)}): skipped")
+            _log_skip(p)
             continue
         log(f"sweep: {_desc(p)} -> {p.folder}" + {"resume": " (resuming the unfinished run)",
                                                  "restart": " (restarting a run killed before it began)"
                                                  }.get(p.action, ""))
         run(p.cfg)
+
+
+def _log_skip(p) -> None:
+    from .runner import log
+
+    log(f"sweep: {p.folder} already holds the finished run ({_desc(p)}): skipped")
 
 
 def _desc(p: Point) -> str:
@@ -274,7 +280,7 @@ def run_side_by_side(points: list[Point], child_args: list[str], parallel: int, 
     todo = [p for p in points if p.action != "skip"]
     for p in points:
         if p.action == "skip":
-            log(f"sweep: {p.folder} already holds the finished run ({_desc(p)}): skipped")
+            _log_skip(p)
     if not todo:
         return 0
     free = machine_slots(min(parallel, len(todo)), todo[0].cfg)
@@ -460,7 +466,10 @@ def main(argv=None) -> int:
             raise ConfigError("give --grid KEY=V1,V2 ... or --betas a,b")
         grid = parse_grid(items)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.parallel != 1 and (world > 1 or args.only):
+        if args.parallel != 1 and args.only:
+            raise ConfigError(f"--parallel {args.parallel} with --only: --only runs one point of a side-by-side sweep "
+                              "(the sweep passes it to its own processes); give one of the two")
+        if args.parallel != 1 and world > 1:
             raise ConfigError(f"--parallel {args.parallel}: side by side, the sweep starts its own processes; run it "
                               f"with python -m warp_dist.sweep, not under a launcher of {world} ranks")
         points = plan(args.config, grid, args.out, args.overrides, only=args.only)
