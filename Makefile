@@ -39,6 +39,10 @@ DEMO_STEPS ?= 10
 DEMO_ETAS ?= 0,0.2,...,1
 # the baselines run side by side, each on its share of the cores (1 = one after the other; at most the cores)
 DEMO_PARALLEL ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 2 || echo 1)
+# compute dtype of WARP and the baselines. float32: a bf16 demo (DEMO_DTYPE=bfloat16, fp32 master weights; only
+# for CPUs with AVX512-BF16/AMX and GPUs) ran 1.6x faster on a 2-core Xeon but its WARP - SFT reward gain was
+# smaller twice (README, "Benchmarks"). Saved model folders stay fp32 (the eta-grid evaluation interpolates them).
+DEMO_DTYPE ?= float32
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
@@ -46,7 +50,7 @@ demo: install
 	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
 	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
 	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
-	stages="model.name=$$sft reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
+	stages="model.name=$$sft model.dtype=$(DEMO_DTYPE) save_dtype=float32 reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
 		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true train.steps=$(DEMO_STEPS) $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \

@@ -33,10 +33,11 @@ NAME = "e2e"
 PRESETS = {
     "tiny": dict(config="configs/tiny.yaml", model="", backend="", ranks="1", iterations=2, policies=2, steps=2,
                  batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300, reward="", dtype=""),
-    # the demo's shape and length (I = 2, M = 2, T = 25, 16 prompts x 24 tokens, 64 eval prompts), project on 1 and 2
-    # ranks; the model and reward of the embedded default (SmolLM2-135M, VADER) so it needs no pipeline stage first
+    # the demo's shape and length (I = 2, M = 2, T = 10 as make demo runs it, 16 prompts x 24 tokens, 64 eval
+    # prompts), project on 1 and 2 ranks; the model and reward of the embedded default (SmolLM2-135M, VADER) so it
+    # needs no pipeline stage first
     "cpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="1,2", iterations=2,
-                policies=2, steps=25, batch_size=16, new_tokens=24, eval_prompts=64, eval_batch=32, timeout=3600,
+                policies=2, steps=10, batch_size=16, new_tokens=24, eval_prompts=64, eval_batch=32, timeout=3600,
                 reward="vader", dtype=""),
     "gpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="2", iterations=2,
                 policies=2, steps=25, batch_size=32, new_tokens=48, eval_prompts=128, eval_batch=32, timeout=3600,
