@@ -32,7 +32,8 @@ class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (weights, EMA, theta_init and merging stay fp32)
     cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
-    attention: str = "auto"  # training/eval attention kernel: auto (eager for bf16 on CPU, else sdpa) | sdpa | eager
+    attention: str = "auto"  # training/eval attention kernel: auto (eager for bf16 on CPU up to 64 tokens, else the
+    # model's default: sdpa where supported) | sdpa | eager
 
 
 @dataclass

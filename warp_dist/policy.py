@@ -56,12 +56,13 @@ def attention_impl(choice: str, device: torch.device, compute_dtype: torch.dtype
     auto: "eager" for bf16 on CPU with sequences of at most EAGER_MAX_TOKENS (prompt + completion): there torch's CPU
     flash-attention backward in bf16 cost ~0.23 s more per RL step of SmolLM2-135M (16 x 32 tokens, 2-core Xeon)
     than the eager matmul-softmax path, which autocast runs in bf16 too; at 128 tokens the two were even, and eager
-    keeps B x heads x L x L probabilities per layer for backward. Otherwise "sdpa" (fp32 showed no difference).
+    keeps B x heads x L x L probabilities per layer for backward. Otherwise "" = the model's own default
+    (transformers picks sdpa where the model supports it; asking for sdpa explicitly fails on a model without it).
     """
     if choice != "auto":
         return choice
     short = max_len <= EAGER_MAX_TOKENS
-    return "eager" if device.type == "cpu" and compute_dtype == torch.bfloat16 and short else "sdpa"
+    return "eager" if device.type == "cpu" and compute_dtype == torch.bfloat16 and short else ""
 
 
 class Weights:
@@ -265,8 +266,9 @@ def _import_deepspeed():
     return deepspeed
 
 
-def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: PartFn | None, attention: str = "sdpa"):
-    """The causal LM for this rank, fp32, with `attention` as its attention kernel (see `attention_impl`).
+def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: PartFn | None, attention: str = ""):
+    """The causal LM for this rank, fp32, with `attention` as its attention kernel ("" = the model's default; see
+    `attention_impl`).
     ZeRO-3: constructed partitioned (never whole) and filled from `part`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -281,7 +283,8 @@ def build_module(model_path: str, d: distmod.Dist, conf: dict | None, part: Part
         with deepspeed.zero.Init(data_parallel_group=d.group, config_dict_or_path=conf, dtype=None,
                                  mem_efficient_linear=False, mpu=distmod.GroupMPU(d.group, d.solo)), no_init_weights():
             # no random init: the partitions are filled from `part` below (init code would index empty partitions)
-            module = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation=attention)
+            kw = {"attn_implementation": attention} if attention else {}
+            module = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, **kw)
         module.tie_weights()  # no_init_weights also skips the tying that post-init does
         module.eval()
         from .models import disable_dropout
@@ -473,7 +476,7 @@ class Reference:
     """The frozen reference model: EMA anchor during RL, SFT model during evaluation (one copy, see module doc)."""
 
     def __init__(self, policy_module, model_path: str, d: distmod.Dist, compute_dtype: torch.dtype,
-                 ds_conf: dict | None, part: PartFn | None, attention: str = "sdpa"):
+                 ds_conf: dict | None, part: PartFn | None, attention: str = ""):
         self.engine = None
         zero3 = ds_conf is not None and zero_stage(ds_conf) == 3
         if zero3:

@@ -102,10 +102,10 @@ class Warp:
         if zero3:
             distmod.tune_allocator(mmap_threshold=1 << 18, arenas=2)  # partitions of a few hundred KB: off the heap
         max_len = cfg.data.prompt_max_tokens + 2 + cfg.rollout.max_new_tokens
-        self.attention = attention_impl(cfg.model.attention, self.device, self.compute_dtype, max_len)
-        module = build_module(self.model_path, d, ds_conf, self.sft.part, self.attention)
-        self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part,
-                                   self.attention)
+        attention = attention_impl(cfg.model.attention, self.device, self.compute_dtype, max_len)
+        module = build_module(self.model_path, d, ds_conf, self.sft.part, attention)
+        self.reference = Reference(module, self.model_path, d, self.compute_dtype, ref_conf, self.sft.part, attention)
+        self.attention = module.config._attn_implementation  # the kernel the model runs (auto may leave its default)
         gc = tc.gradient_checkpointing
         checkpointing = gc == "true" or (gc == "auto" and zero3)
         self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf, checkpointing=checkpointing)
