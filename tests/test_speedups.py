@@ -2,7 +2,8 @@
 
 - completion-only logits (`logits_to_keep`) == the last positions of the full-sequence pass;
 - bf16 autocast (fp32 weights) within a stated tolerance of fp32;
-- the eager attention kernel (what `model.attention=auto` picks for short bf16 sequences on CPU) == sdpa.
+- the eager attention kernel (what `model.attention=auto` picks for short bf16 sequences on CPU) == sdpa;
+- the chunked, fused completion log-prob (`sampling._TargetLogprob`) == log_softmax + gather, values and gradients.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from warp_dist import sampling
 from warp_dist.config import ConfigError, config_from_dict
 from warp_dist.policy import EAGER_MAX_TOKENS, attention_impl
 from warp_dist.trainer import Warp
@@ -130,3 +132,56 @@ def test_auto_attention_in_the_trainer(tmp_path, tiny_model_path):
 def test_bad_attention_is_one_line():
     with pytest.raises(ConfigError, match=r"model\.attention.*auto \| sdpa \| eager"):
         config_from_dict({"model": {"attention": "flash"}})
+
+
+def _reference_logprobs(logits, targets, mask, temperature, min_new_tokens, eos_ids, support):
+    """The plain formula: log_softmax of the processed fp32 logits, gathered at the targets."""
+    x = logits.float() / temperature
+    blocked = sampling.eos_block_mask(targets.shape[1], min_new_tokens).expand(targets.shape)
+    x = sampling.block_eos(x, blocked, eos_ids)
+    if support is not None:
+        x = x.masked_fill(~support, float("-inf"))
+    lp = torch.log_softmax(x, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(mask == 0, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_fused_chunked_logprobs_equal_log_softmax_values_and_grads(monkeypatch, dtype, top_k):
+    B, L, V = 3, 7, 40
+    C = L - 1
+    torch.manual_seed(0)
+    full = (2 * torch.randn(B, L, V)).to(dtype).requires_grad_()
+    logits = full[:, :-1]  # a non-contiguous view, as a sliced model output would be
+    targets = torch.randint(0, V, (B, C))
+    targets[0, 4] = 3  # an EOS after the blocked positions
+    mask = torch.ones(B, C)
+    mask[1, 4:] = 0  # a finished completion
+    weights = torch.randn(B, C)
+    monkeypatch.setattr(sampling, "CHUNK_BYTES", 4 * V * 2)  # chunks of 2 rows: a sequence spans several chunks
+    ours, support = sampling.token_logprobs(logits, targets, mask, temperature=0.7, top_k=top_k, min_new_tokens=3,
+                                            eos_ids=[3, 11], return_support=True)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), full)
+    ref = _reference_logprobs(logits, targets, mask, 0.7, 3, [3, 11], support)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), full)
+    assert (support is None) == (top_k == 0)
+    assert torch.isfinite(ours).all() and ours.dtype == torch.float32
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (ours - ref).abs().max()
+    assert g_ours.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is rounded to the logits' dtype
+    assert torch.allclose(g_ours.float(), g_ref.float(), atol=tol, rtol=tol), (g_ours - g_ref).abs().max()
+    assert g_ours[:, -1].abs().sum() == 0  # the dropped last position gets no gradient
+    assert g_ours[:, :3, 3].abs().sum() == 0 and g_ours[:, :3, 11].abs().sum() == 0  # blocked EOS: none either
+
+
+def test_fused_logprobs_under_no_grad_and_with_a_given_support():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 30)
+    targets = torch.randint(0, 30, (2, 5))
+    mask = torch.ones(2, 5)
+    _, support = sampling.token_logprobs(logits, targets, mask, top_p=0.8, return_support=True)
+    other = torch.randn(2, 5, 30)
+    with torch.no_grad():
+        ours = sampling.token_logprobs(other, targets, mask, support=support)
+    ref = _reference_logprobs(other, targets, mask, 1.0, 0, [], support)
+    assert torch.allclose(ours, ref, atol=1e-6)

@@ -136,35 +136,47 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_pr
                 device, topo, groups[topo.group_of(rank)], groups, solos[rank])
 
 
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+HEAP_TRIM_THRESHOLD = (1 << 31) - 1  # free heap top kept up to ~2 GiB (mallopt takes an int); trim_allocator gives it back
+_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, arenas: int = 0) -> bool:
-    """Make freed tensor memory go back to the OS (glibc malloc), so a rank's resident memory follows what it holds.
+def tune_allocator(mmap_threshold: int | None = None, arenas: int = 0) -> bool:
+    """Set glibc malloc for training: freed tensor memory is reused by the next step, and goes back to the OS at the
+    phase boundaries (`trim_allocator`), so a rank's resident memory follows what it holds.
 
-    Allocations >= `mmap_threshold` (32 MiB: weights, gradients, optimizer moments, logits) are mmapped, so freeing
-    them returns them at once, while a step's activations (a few MB each) are reused from the heap. The earlier 1 MiB
-    threshold mmapped every activation too: a page fault per 4 KiB on every step (153 M minor faults in one
-    make demo) and a bf16 SmolLM2 RL step of 3.76 s instead of 3.13 s on the 2-core Xeon
-    (benchmarks/train_step.py). `arenas` > 0 also caps
-    glibc's per-thread arenas: ZeRO-3 gathers and frees each layer's weights on every forward, and with glibc's
-    defaults the freed blocks (a few hundred KB to a few MB) stayed in the arena of whichever thread allocated them
-    (a rank's RSS grew by ~1 GB over one evaluation of SmolLM2 while it held no more tensors); the trainer passes
-    arenas=2 and a 256 KiB threshold under ZeRO-3 only (its per-layer partitions are smaller; the lower threshold
-    costs ~5-8 % of a CPU training step). Without ZeRO-3 the cap is left off: with two arenas the training threads
-    contend for them (a bf16 forward + backward + AdamW step of SmolLM2-135M took ~3.1 s instead of ~2.2 s on 2 CPU
-    cores in a standalone timing loop, same peak RSS). Skipped when the user set MALLOC_MMAP_THRESHOLD_ or
-    WARP_DIST_MALLOC=0, or off glibc.
+    Default (`mmap_threshold` None): every block comes from the heap (M_MMAP_MAX = 0) and the free top of the heap is
+    kept (M_TRIM_THRESHOLD ~2 GiB) until the trainer trims at the end of each policy, merge and evaluation. A step
+    allocates and frees the same large tensors every time (the bf16 casts of the weights, the LM-head and embedding
+    gradients, the logits); mmapped (>= 32 MiB) or trimmed after each free, each one page-faulted in again on every
+    step: a bf16 SmolLM2 RL step (vLLM rollouts) took 3.49 s with mmapped blocks >= 32 MiB, 2.95 s with those and a
+    kept heap top, 2.64 s all from the heap, for +0.07 / +0.09 GB of peak RSS in the 1-process HF / vLLM runs of
+    benchmarks/memory.py (4.03 -> 4.10, 5.36 -> 5.45 GB; 2-core Xeon, benchmarks/train_step.py --variants bf16-vllm).
+    Older settings for the record: a 1 MiB threshold mmapped every activation too (153 M minor faults in one make
+    demo, 3.76 s instead of 3.13 s per step).
+
+    ZeRO-3 passes `mmap_threshold` = 256 KiB and `arenas` = 2: it gathers and frees each layer's weights on every
+    forward, and with glibc's defaults the freed blocks (a few hundred KB to a few MB) stayed in the arena of whichever
+    thread allocated them (a rank's RSS grew by ~1 GB over one evaluation of SmolLM2 while it held no more tensors);
+    there blocks >= the threshold are mmapped and the heap top is trimmed as glibc does by default (the lower
+    threshold costs ~5-8 % of a CPU training step). Without ZeRO-3 the arena cap is left off: with two arenas the
+    training threads contend for them (a bf16 forward + backward + AdamW step of SmolLM2-135M took ~3.1 s instead of
+    ~2.2 s on 2 CPU cores in a standalone timing loop, same peak RSS). Skipped when the user set MALLOC_MMAP_THRESHOLD_,
+    MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ or WARP_DIST_MALLOC=0, or off glibc.
     """
-    if os.environ.get("WARP_DIST_MALLOC", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if os.environ.get("WARP_DIST_MALLOC", "1") == "0" or any(k in os.environ for k in _ALLOCATOR_ENV):
         return False
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(-3, int(mmap_threshold)))  # M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        m_trim, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
+        if mmap_threshold is None:
+            ok = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim, HEAP_TRIM_THRESHOLD))
+        else:
+            ok = (bool(mallopt(m_mmap_max, 65536)) and bool(mallopt(m_mmap_threshold, int(mmap_threshold)))
+                  and bool(mallopt(m_trim, 128 << 10)))  # glibc's defaults for the count and the trim threshold
         if arenas > 0:
-            ok = ok and bool(libc.mallopt(-8, int(arenas)))  # M_ARENA_MAX
+            ok = ok and bool(mallopt(m_arena_max, int(arenas)))
         return ok
     except (OSError, AttributeError):
         return False

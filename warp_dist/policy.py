@@ -146,14 +146,15 @@ class Weights:
         return sum(tensor_bytes(self.local(n)) for n in self.names)
 
     # ------------------------------------------------------------------ forward
-    def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
-        """Logits of the last `keep` positions [B, keep, V] (only those are projected when the model supports it)."""
+    def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep) -> torch.Tensor:
+        """Logits of the last `keep` positions [B, keep, V], or of the positions in the 1-D tensor `keep` [B, len, V]
+        (only those are projected through the LM head when the model takes `logits_to_keep`)."""
         with autocast(self.device, self.compute_dtype):
             if self._keep:
                 out = module(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep, use_cache=False)
                 return out.logits
             out = module(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
-            return out.logits[:, -keep:]
+            return out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -368,7 +369,7 @@ class Policy:
             for p in self._trainable:
                 p.grad = None
 
-    def loss_logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+    def loss_logits(self, ids, att, pos, keep) -> torch.Tensor:
         """The forward pass gradients flow through (train() mode only for gradient checkpointing; dropout is 0)."""
         fwd = self.engine if self.engine is not None else (self.ddp if self.ddp is not None else self.w.module)
         if not self.checkpointing:
@@ -380,7 +381,7 @@ class Policy:
             self.w.module.eval()
 
     @torch.no_grad()
-    def logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+    def logits(self, ids, att, pos, keep) -> torch.Tensor:
         return self.w.logits(self.w.module, ids, att, pos, keep)
 
     def step(self, loss: torch.Tensor, at: str = "") -> float:
@@ -504,7 +505,7 @@ class Reference:
             self.w.local(n).lerp_(policy.master(n), mu)
 
     @torch.no_grad()
-    def logits(self, ids, att, pos, keep: int) -> torch.Tensor:
+    def logits(self, ids, att, pos, keep) -> torch.Tensor:
         return self.w.logits(self.w.module, ids, att, pos, keep)
 
     def close(self) -> None:

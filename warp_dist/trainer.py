@@ -173,7 +173,7 @@ class Warp:
 
     def logprobs(self, logits_fn, batch, support=None):
         """Completion log-probs from `logits_fn` (a model's) under the sampling distribution. -> ([B, C], support)"""
-        logits = logits_fn(batch.ids, batch.att, batch.pos, batch.keep)[:, :-1]
+        logits = logits_fn(batch.ids, batch.att, batch.pos, batch.positions)  # [B, C, V]
         s = self.sampling
         return sampling.token_logprobs(logits, batch.targets, batch.mask, s.temperature, s.top_k, s.top_p,
                                        s.min_new_tokens, s.eos_ids, support=support, return_support=True)

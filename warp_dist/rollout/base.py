@@ -125,6 +125,11 @@ class Batch:
     def keep(self) -> int:
         return self.targets.shape[1] + 1
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """The C positions whose logits predict the completion tokens (prompt_len - 1 ... prompt_len + C - 2)."""
+        return torch.arange(self.prompt_len - 1, self.prompt_len + self.targets.shape[1] - 1, device=self.ids.device)
+
 
 def build_batch(gens: Generations, pad_id: int, device: torch.device | str = "cpu") -> Batch:
     P = max(len(p) for p in gens.prompt_ids)
