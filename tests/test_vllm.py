@@ -259,6 +259,137 @@ def test_bf16_engine_takes_fp32_weights_without_a_cast_copy(tiny_model_path, tmp
     assert res["fp32_in"][0] != res["before"][0]  # the push changed what the engine samples
 
 
+DIRECT_SCRIPT = textwrap.dedent("""
+    import json, shutil, sys
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from warp_dist.config import VllmConfig
+    from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
+    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.vllm import VllmBackend
+
+    out, gpt2, tmp, which, dtype = sys.argv[1:6]
+    if which == "llama":  # a tiny Llama (GQA: q/k/v of different sizes; untied head): fused qkv and gate_up in vLLM
+        path = tmp + "/tiny-llama"
+        tok = load_tokenizer(gpt2)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+    else:
+        path = gpt2
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path)
+    engine = VllmBackend(path, tok, VllmConfig(), dtype=dtype, max_seqs=8, max_len=64, eos_ids=eos_token_ids(tok, path))
+    prompts = [tok(t)["input_ids"] for t in ["This movie was", "I hated every minute of", "A"]]
+    s = SamplingConfig(max_new_tokens=12, min_new_tokens=12)
+
+    def sample(version):
+        g = engine.generate(prompts, s, seed=5, version=version)
+        return g.completion_ids, g.sampler_logprobs
+
+    def snapshot(worker):  # every parameter the engine holds, and what each packed linear computes on fixed inputs
+        m = worker.model_runner.model
+        g = torch.Generator().manual_seed(0)
+        snap = {"P:" + n: p.detach().float().clone() for n, p in m.named_parameters() if p.numel()}
+        for n, mod in m.named_modules():
+            if hasattr(mod, "cpu_linear"):
+                k = getattr(mod, "input_size_per_partition", None) or mod.weight.shape[1]
+                x = torch.randn(3, k, generator=g).to(mod.weight.dtype)
+                w = mod.weight if mod.weight.numel() else None
+                snap["L:" + n] = mod.cpu_linear(x, w, getattr(mod, "bias", None)).float().clone()
+        return snap
+
+    def perturb(seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+    def push(mode, version):
+        engine.push_mode = mode
+        engine.update_weights(lambda: iter(model.state_dict().items()), version)
+
+    engine.push_mode = None
+    engine._direct_push()
+    chosen = engine.push_mode  # what rollout.vllm.push=auto picks here
+    before = sample(0)
+    perturb(1)
+    push("reload", 1)
+    ref, ref_snap = sample(1), engine.llm.collective_rpc(snapshot)[0]
+    push("direct", 2)  # the first direct push comes after a reload_weights: its loader wrappers must not swallow it
+    got, got_snap = sample(2), engine.llm.collective_rpc(snapshot)[0]
+    perturb(2)
+    push("direct", 3)
+    again = sample(3)
+    push("reload", 4)
+    again_ref = sample(4)
+    diff = {k: float((ref_snap[k] - got_snap[k]).abs().max()) for k in ref_snap if k in got_snap}
+    res = dict(chosen=chosen, before=before, ref=ref, got=got, again=again, again_ref=again_ref,
+               missing=sorted(set(ref_snap) ^ set(got_snap)), max_diff=max(diff.values()), n=len(diff),
+               linears=sum(k.startswith("L:") for k in diff))
+    engine.close()
+    with open(out, "w") as fh:
+        json.dump(res, fh)
+""")
+
+
+@pytest.mark.parametrize("which,dtype", [("gpt2", "float32"), ("llama", "bfloat16")])
+def test_direct_push_equals_reload_weights(tiny_model_path, tmp_path, which, dtype):
+    """rollout.vllm.push=auto takes the direct push on vLLM-CPU; after it the engine holds exactly what vLLM's own
+    reload_weights gives for the same weights (every parameter, every packed linear's output) and samples the same
+    tokens with the same log-probs, also when it follows a reload_weights and for a second, different push."""
+    script, out = tmp_path / "direct_push.py", tmp_path / "direct_push.json"
+    script.write_text(DIRECT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(out), tiny_model_path, str(tmp_path), which, dtype],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["chosen"] == "direct"
+    assert res["missing"] == [] and res["linears"] >= 8 and res["max_diff"] == 0.0, res
+    assert res["ref"][0] != res["before"][0]  # the pushes changed what the engine samples
+    assert res["got"] == res["ref"]  # tokens and log-probs
+    assert res["again"] == res["again_ref"] and res["again"][0] != res["got"][0]
+
+
+def test_a_failing_first_direct_push_falls_back_to_reload_weights(state, monkeypatch):
+    """Under rollout.vllm.push=auto a first direct push that fails (a model whose loader it does not suit) hands the
+    same weights to reload_weights and stays there; a later failure, or one under push=direct, is raised."""
+    from warp_dist.rollout import vllm_push
+
+    engine, model, prompts = state["engine"], state["model"], state["prompts"]
+    target = hf_backend(state).generate(prompts, greedy(), seed=0).completion_ids
+
+    def broken(worker, weights):
+        next(iter(weights))  # consumes part of the stream, as a push failing mid-way does
+        raise RuntimeError("direct push: a QKVParallelLinear was not filled by the model's load_weights")
+
+    monkeypatch.setattr(vllm_push, "push_into", broken)
+    saved = engine.push_mode, engine.pushes, engine.push_note
+    try:
+        engine.push_mode, engine.pushes = None, 0
+        engine.update_weights(lambda: iter(model.state_dict().items()), engine.version + 1)
+        assert engine.push_mode == "reload" and "was not filled" in engine.push_method()
+        assert engine.generate(prompts, greedy(), seed=0).completion_ids == target
+        engine.push_mode, engine.push_request = None, "direct"
+        with pytest.raises(RuntimeError, match="was not filled"):
+            engine.update_weights(lambda: iter(model.state_dict().items()), engine.version + 1)
+    finally:
+        monkeypatch.undo()
+        engine.push_request = "auto"
+        engine.push_mode, engine.pushes, engine.push_note = saved
+        engine.update_weights(lambda: iter(model.state_dict().items()), engine.version + 1)
+
+
+def test_bad_push_mode_is_one_line():
+    from warp_dist.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"rollout\.vllm\.push='fast'.*auto \| direct \| reload"):
+        config_from_dict({"rollout": {"vllm": {"push": "fast"}}})
+
+
 def test_rollout_benchmark_tiny(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.rollout import main

@@ -66,6 +66,7 @@ class VllmConfig:
     enforce_eager: bool = True
     sleep_mode: bool = True  # CUDA only: sleep the engine during training steps
     max_model_len: int = 512  # upper bound; the engine is sized to prompt + max_new_tokens
+    push: str = "auto"  # weights into the engine: auto (direct on vLLM-CPU when supported, else reload) | direct | reload
 
 
 @dataclass
@@ -292,6 +293,8 @@ def validate(c: WarpConfig) -> None:
     _check(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
     _check(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
     _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
+    _check(ro.vllm.push in ("auto", "direct", "reload"), "rollout.vllm.push", "auto | direct | reload",
+           ro.vllm.push)
     _check(ro.vllm.kv_cache_space_gb >= 0, "rollout.vllm.kv_cache_space_gb", ">= 0 (0 = sized to the batch)",
            ro.vllm.kv_cache_space_gb)
     _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)

@@ -502,7 +502,9 @@ class Warp:
         self.log(f"WARP: model={cfg.model.name} reward={cfg.reward.kind} backend={self.backend.name} "
                  f"I={tc.iterations} M={tc.policies} T={tc.steps} batch={tc.batch_size}x{self.k} beta={tc.beta} "
                  f"mu={tc.mu} lambda={cfg.merge.lam} eta={cfg.merge.eta} dtype={cfg.model.dtype} attention={self.attention} "
-                 f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind} -> {out}"
+                 f"ranks={d.world_size} groups={list(d.topo.groups)} engine={self.policy.kind}"
+                 + (f" push={self.backend.push_method()}" if hasattr(self.backend, "push_method") else "")
+                 + f" -> {out}"
                  + (f" (resumed at checkpoint {pos['seq']}: {pos['phase']})" if pos["seq"] else ""))
         if pos["sft_eval"] is None:  # phase: the SFT model
             reused = self.reused_sft_eval()

