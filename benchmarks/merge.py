@@ -119,6 +119,32 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
     rows = []
     for M in ms:
         pols = policies_all[:M]
+        # the streaming merger's memory first, before the timings below leave their own heap state behind
+        d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
+        if d.world_size != 1:
+            raise RuntimeError("merge.py measures the one-process merger: run it with plain python, not a launcher")
+        sources = {m: (lambda name, st=pols[m]: st[name]) for m in range(M)}
+
+        def stream(keys, d=d, sources=sources):
+            """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
+            got = {}
+            distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
+                                 lambda n: init[n].reshape(-1), sources,
+                                 lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
+                                 lambda n, full: got.__setitem__(n, full))
+            return got
+
+        stream(warm)  # warm-up
+        with common.PeakRSS() as mem:
+            t0 = time.perf_counter()
+            out = stream(names)
+            t_stream = time.perf_counter() - t0
+        # sanity: the streamed merge is the in-memory merge
+        ref, _ = merging.merge_state_dicts({k: init[k] for k in warm}, [{k: p[k] for k in warm} for p in pols],
+                                           args.lam, args.eta)
+        worst = max((ref[k] - out[k]).abs().max().item() for k in warm)
+        del out, ref
+        common.release_memory()
 
         def clone_all(keys=names, pols=pols):
             for st in (init, *pols):
@@ -162,32 +188,6 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
         else:
             t_compiled = None
         dests.clear()
-        common.release_memory()
-
-        d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
-        if d.world_size != 1:
-            raise RuntimeError("merge.py measures the one-process merger: run it with plain python, not a launcher")
-        sources = {m: (lambda name, st=pols[m]: st[name]) for m in range(M)}
-
-        def stream(keys, d=d, sources=sources):
-            """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
-            got = {}
-            distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
-                                 lambda n: init[n].reshape(-1), sources,
-                                 lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
-                                 lambda n, full: got.__setitem__(n, full))
-            return got
-
-        stream(warm)  # warm-up
-        with common.PeakRSS() as mem:
-            t0 = time.perf_counter()
-            out = stream(names)
-            t_stream = time.perf_counter() - t0
-        # sanity: the streamed merge is the in-memory merge
-        ref, _ = merging.merge_state_dicts({k: init[k] for k in warm}, [{k: p[k] for k in warm} for p in pols],
-                                           args.lam, args.eta)
-        worst = max((ref[k] - out[k]).abs().max().item() for k in warm)
-        del out, ref
         common.release_memory()
 
         read_written = (M + 3) * B

@@ -452,12 +452,16 @@ def test_compiled_merge_equals_the_eager_one(dtype, M, with_sft):
     # bf16 outputs within one bf16 ulp
     tol = 1e-6 if dtype == torch.float32 else 0.016
     assert (cs.float() - es.float()).abs().max().item() <= tol and (cn.float() - en.float()).abs().max().item() <= tol
-    # the Gram matrix against fp64 over the whole tensor (fp32 products summed in fp64)
+    # the Gram matrix against fp64 over the whole tensor. The compiled kernel sums fp32 products in fp32 over blocks of
+    # GRAM_BLOCK, then in fp64: its error is bounded relative to sum |a_i b_i| (measured <= 1.5e-8 for fp32 and bf16
+    # inputs, n = 70 K and 5 M; the bound leaves ~7x room), the eager kernel's (fp64 sums) is ~1e-10
     rows = [(p.double() - init.double()) for p in policies] + ([init.double() - sft.double()] if with_sft else [])
     exact = torch.tensor([[float(a @ b) for b in rows] for a in rows], dtype=torch.float64)
+    scale = torch.tensor([[float(a.abs() @ b.abs()) for b in rows] for a in rows], dtype=torch.float64)
     k = len(rows)
-    torch.testing.assert_close(cg[:k, :k], exact, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(eg, cg, rtol=1e-6, atol=1e-9)
+    assert ((cg[:k, :k] - exact).abs() <= 1e-7 * scale).all(), (cg[:k, :k] - exact).abs() / scale
+    assert ((eg[:k, :k] - exact).abs() <= 1e-9 * scale).all(), (eg[:k, :k] - exact).abs() / scale
+    assert (eg[k:] == cg[k:]).all() and (eg[:, k:] == cg[:, k:]).all()  # the unused rows: zero in both
     # small tensors stay eager under kernel="compiled": identical to the eager call
     small = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3, kernel="compiled")
     ref = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3)

@@ -185,3 +185,47 @@ def test_fused_logprobs_under_no_grad_and_with_a_given_support():
         ours = sampling.token_logprobs(other, targets, mask, support=support)
     ref = _reference_logprobs(other, targets, mask, 1.0, 0, [], support)
     assert torch.allclose(ours, ref, atol=1e-6)
+
+
+ALLOCATOR_SCRIPT = r"""
+import ctypes, sys
+import torch
+from warp_dist import dist
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+def grow(n=64 << 20):
+    before = rss()
+    t = torch.ones(n // 4)  # touched: resident
+    del t
+    return rss() - before  # what stays resident after the free
+
+assert dist.tune_allocator(), "tune_allocator did not apply"
+kept = grow()
+with dist.mapped_blocks():
+    inside = grow()
+dist.trim_allocator()
+after = grow()
+print(kept, inside, after)
+"""
+
+
+def test_allocator_heap_rule_and_mapped_blocks_for_the_merge():
+    """tune_allocator's default keeps a freed 64 MiB tensor in the heap (the next step reuses it: no page faults);
+    inside mapped_blocks (the merge) the same tensor is mmapped and goes back to the OS when freed; after it, the heap
+    rule is back."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "WARP_DIST_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept, inside, after = (int(v) for v in out.stdout.split())
+    mib = 1 << 20
+    assert kept > 48 * mib, f"heap rule: a freed 64 MiB tensor should stay resident, {kept / mib:.1f} MiB did"
+    assert inside < 16 * mib, f"mapped_blocks: a freed 64 MiB tensor should leave, {inside / mib:.1f} MiB stayed"
+    assert after > 48 * mib, f"after mapped_blocks the heap rule is back, {after / mib:.1f} MiB stayed"

@@ -7,6 +7,7 @@ broadcasts the result, and gathers evaluation records. With one process every fu
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -172,6 +173,8 @@ def tune_allocator(mmap_threshold: int | None = None, arenas: int = 0) -> bool:
         m_trim, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
         if mmap_threshold is None:
             ok = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim, HEAP_TRIM_THRESHOLD))
+            global _HEAP_MODE
+            _HEAP_MODE = ok
         else:
             ok = (bool(mallopt(m_mmap_max, 65536)) and bool(mallopt(m_mmap_threshold, int(mmap_threshold)))
                   and bool(mallopt(m_trim, 128 << 10)))  # glibc's defaults for the count and the trim threshold
@@ -180,6 +183,37 @@ def tune_allocator(mmap_threshold: int | None = None, arenas: int = 0) -> bool:
         return ok
     except (OSError, AttributeError):
         return False
+
+
+_HEAP_MODE = False  # tune_allocator's default (every block from the heap) is in force in this process
+MERGE_MMAP_THRESHOLD = 1 << 20
+
+
+@contextlib.contextmanager
+def mapped_blocks(threshold: int = MERGE_MMAP_THRESHOLD):
+    """Inside: blocks >= `threshold` bytes are mmapped again, so each goes back to the OS when freed, and the free heap
+    top is trimmed as glibc does by default; on exit the heap rule of `tune_allocator` is back (blocks mapped inside
+    are still unmapped when freed later).
+
+    For the merge: it allocates transient tensors of every parameter's size (received policies, the gathered
+    theta_init, outputs), which the kept heap cannot reuse across sizes; all from the heap, rank 0's peak grew by up
+    to ~1x the model over a SmolLM2 fp32 merge with M = 4 (benchmarks/merge.py, stream extra 519 MB; 77 MB with
+    this, against the (M + 2) x largest-tensor bound of 679 MB). A no-op unless the heap rule is in force."""
+    if not _HEAP_MODE:
+        yield
+        return
+    import ctypes
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    m_trim, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    mallopt(m_mmap_threshold, int(threshold))
+    mallopt(m_mmap_max, 65536)
+    mallopt(m_trim, 128 << 10)  # glibc's default: the freed heap top goes back too
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_max, 0)
+        mallopt(m_trim, HEAP_TRIM_THRESHOLD)
 
 
 def trim_allocator() -> None:
@@ -269,6 +303,12 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
         sent = {m: d.comm_tensor(t) for m, t in local.items()}
         return sent, [tdist.isend(t, dst=0, tag=m) for m, t in sent.items()]
 
+    with mapped_blocks():
+        _merge_loop(d, names, shapes, init_part, merge_fn, on_slerp, on_main, post, fetch_local, M)
+
+
+def _merge_loop(d, names, shapes, init_part, merge_fn, on_slerp, on_main, post, fetch_local, M) -> None:
+    """stream_merge's loop over the parameters (see there)."""
     pending = post(names[0]) if names else None
     for i, name in enumerate(names):
         current = pending

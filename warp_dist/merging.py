@@ -206,18 +206,32 @@ def slerp_coefficients_tensor(gram: torch.Tensor, lam: torch.Tensor) -> torch.Te
     return acc
 
 
+# Gram entries of the compiled merge: fp32 sums over blocks of this many products, then fp64 over the blocks. Summing
+# every product in fp64 needed six fp64 accumulators of the CPU kernel's whole tile (32 lanes for bf16 inputs, so
+# 24 of the 32 AVX-512 registers) and ran compute-bound: a bf16 Gram of 8 M elements took 12.0 ms against 1.8 ms
+# blocked (fp32 5.3 -> 3.8 ms), for a relative difference of ~1e-7 on these sums.
+GRAM_BLOCK = 256
+
+
 def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: torch.Tensor,
                  eta: torch.Tensor, out: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
     """The whole merge of one flat tensor as one graph: the Gram matrix of [p_i - x ..., x - f] (fp32 differences,
-    as the eager sweep forms them, and fp32 products summed in fp64: fp64 products would halve the vector width for
-    no accuracy the merge can use), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
+    as the eager sweep forms them; fp32 products summed in fp32 over blocks of GRAM_BLOCK elements and the block sums
+    in fp64), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
     nxt = lerp(x, out, eta) in fp32, stored in x's dtype. Returns the [k, k] Gram matrix."""
     b = x.float()
     rows = [p.float() - b for p in ps]
     if f is not None:
         rows.append(b - f.float())
     k = len(rows)
-    entries = {(i, j): (rows[i] * rows[j]).double().sum() for i in range(k) for j in range(i, k)}
+    n = rows[0].shape[0]
+    m = ((n - 2) // GRAM_BLOCK) * GRAM_BLOCK  # the blocked part; a tail of 2..GRAM_BLOCK + 1 elements (never 0 or 1)
+
+    def dot(a, b):
+        prod = a * b
+        return prod[:m].reshape(-1, GRAM_BLOCK).sum(1).double().sum() + prod[m:].double().sum()
+
+    entries = {(i, j): dot(rows[i], rows[j]) for i in range(k) for j in range(i, k)}
     gram = torch.stack([torch.stack([entries[(min(i, j), max(i, j))] for j in range(k)]) for i in range(k)])
     coef = slerp_coefficients_tensor(gram[: len(ps), : len(ps)], lam).float()
     d = coef[0] * rows[0]
