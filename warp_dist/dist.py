@@ -139,6 +139,16 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_pr
 
 HEAP_TRIM_THRESHOLD = (1 << 31) - 1  # free heap top kept up to ~2 GiB (mallopt takes an int); trim_allocator gives it back
 _ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+_M_TRIM, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # glibc mallopt parameters
+_GLIBC_TRIM, _GLIBC_MMAP_MAX = 128 << 10, 65536  # glibc's defaults for the trim threshold and the mmap count
+_HEAP_MODE = False  # tune_allocator's default rule (every block from the heap) is the one in force in this process
+
+
+def _mallopt():
+    """glibc's mallopt (raises OSError / AttributeError off glibc)."""
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6").mallopt
 
 
 def tune_allocator(mmap_threshold: int | None = None, arenas: int = 0) -> bool:
@@ -166,26 +176,22 @@ def tune_allocator(mmap_threshold: int | None = None, arenas: int = 0) -> bool:
     """
     if os.environ.get("WARP_DIST_MALLOC", "1") == "0" or any(k in os.environ for k in _ALLOCATOR_ENV):
         return False
+    global _HEAP_MODE
     try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        m_trim, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
+        mallopt = _mallopt()
         if mmap_threshold is None:
-            ok = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim, HEAP_TRIM_THRESHOLD))
-            global _HEAP_MODE
-            _HEAP_MODE = ok
+            ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM, HEAP_TRIM_THRESHOLD))
         else:
-            ok = (bool(mallopt(m_mmap_max, 65536)) and bool(mallopt(m_mmap_threshold, int(mmap_threshold)))
-                  and bool(mallopt(m_trim, 128 << 10)))  # glibc's defaults for the count and the trim threshold
+            ok = (bool(mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX))
+                  and bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(_M_TRIM, _GLIBC_TRIM)))
+        _HEAP_MODE = ok and mmap_threshold is None  # a later ZeRO-3 rule replaces dist.init's heap rule
         if arenas > 0:
-            ok = ok and bool(mallopt(m_arena_max, int(arenas)))
+            ok = ok and bool(mallopt(_M_ARENA_MAX, int(arenas)))
         return ok
     except (OSError, AttributeError):
         return False
 
 
-_HEAP_MODE = False  # tune_allocator's default (every block from the heap) is in force in this process
 MERGE_MMAP_THRESHOLD = 1 << 20
 
 
@@ -202,18 +208,15 @@ def mapped_blocks(threshold: int = MERGE_MMAP_THRESHOLD):
     if not _HEAP_MODE:
         yield
         return
-    import ctypes
-
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    m_trim, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    mallopt(m_mmap_threshold, int(threshold))
-    mallopt(m_mmap_max, 65536)
-    mallopt(m_trim, 128 << 10)  # glibc's default: the freed heap top goes back too
+    mallopt = _mallopt()
+    mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    mallopt(_M_TRIM, _GLIBC_TRIM)  # the freed heap top goes back too
     try:
         yield
     finally:
-        mallopt(m_mmap_max, 0)
-        mallopt(m_trim, HEAP_TRIM_THRESHOLD)
+        mallopt(_M_MMAP_MAX, 0)
+        mallopt(_M_TRIM, HEAP_TRIM_THRESHOLD)
 
 
 def trim_allocator() -> None:
@@ -303,44 +306,39 @@ def stream_merge(d: Dist, names: list[str], shapes: dict[str, tuple[int, ...]], 
         sent = {m: d.comm_tensor(t) for m, t in local.items()}
         return sent, [tdist.isend(t, dst=0, tag=m) for m, t in sent.items()]
 
-    with mapped_blocks():
-        _merge_loop(d, names, shapes, init_part, merge_fn, on_slerp, on_main, post, fetch_local, M)
-
-
-def _merge_loop(d, names, shapes, init_part, merge_fn, on_slerp, on_main, post, fetch_local, M) -> None:
-    """stream_merge's loop over the parameters (see there)."""
-    pending = post(names[0]) if names else None
-    for i, name in enumerate(names):
-        current = pending
-        pending = post(names[i + 1]) if i + 1 < names.__len__() else None
-        shape = shapes[name]
-        numel = int(torch.Size(shape).numel())
-        init_full = gather_full_at_zero(d, init_part(name), numel, shape) if d.group_of_rank0() else None
-        if d.is_main:
-            local = fetch_local(name, fp32=False)
-            if current is not None:
-                bufs, works = current
-                for w in works:
-                    w.wait()
-                local.update({m: b.to("cpu") for m, b in bufs.items()})
-            policies = [local[m] for m in range(M)]
-            slerp, nxt, info = merge_fn(name, init_full, policies)
-            if on_main is not None:
-                on_main(name, init_full, slerp, nxt, policies, info)
-            del policies, local, nxt
-            # broadcast buffers are fp32 on every rank; alone, theta_slerp stays in merge_fn's dtype (no copy)
-            out = slerp.to(torch.float32).contiguous() if d.active else slerp
-        else:
-            if current is not None:
-                for w in current[1]:
-                    w.wait()
-            out = torch.empty(shape, dtype=torch.float32)
-        if d.active:
-            buf = d.comm_tensor(out)
-            tdist.broadcast(buf, src=0)
-            out = buf.to("cpu") if buf is not out else out
-        on_slerp(name, out)
-        del out, init_full
+    with mapped_blocks():  # the merge's transient tensors go back to the OS when freed
+        pending = post(names[0]) if names else None
+        for i, name in enumerate(names):
+            current = pending
+            pending = post(names[i + 1]) if i + 1 < names.__len__() else None
+            shape = shapes[name]
+            numel = int(torch.Size(shape).numel())
+            init_full = gather_full_at_zero(d, init_part(name), numel, shape) if d.group_of_rank0() else None
+            if d.is_main:
+                local = fetch_local(name, fp32=False)
+                if current is not None:
+                    bufs, works = current
+                    for w in works:
+                        w.wait()
+                    local.update({m: b.to("cpu") for m, b in bufs.items()})
+                policies = [local[m] for m in range(M)]
+                slerp, nxt, info = merge_fn(name, init_full, policies)
+                if on_main is not None:
+                    on_main(name, init_full, slerp, nxt, policies, info)
+                del policies, local, nxt
+                # broadcast buffers are fp32 on every rank; alone, theta_slerp stays in merge_fn's dtype (no copy)
+                out = slerp.to(torch.float32).contiguous() if d.active else slerp
+            else:
+                if current is not None:
+                    for w in current[1]:
+                        w.wait()
+                out = torch.empty(shape, dtype=torch.float32)
+            if d.active:
+                buf = d.comm_tensor(out)
+                tdist.broadcast(buf, src=0)
+                out = buf.to("cpu") if buf is not out else out
+            on_slerp(name, out)
+            del out, init_full
 
 
 # ------------------------------------------------------------------------------ DeepSpeed's view of a policy group

@@ -227,8 +227,8 @@ def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None
     n = rows[0].shape[0]
     m = ((n - 2) // GRAM_BLOCK) * GRAM_BLOCK  # the blocked part; a tail of 2..GRAM_BLOCK + 1 elements (never 0 or 1)
 
-    def dot(a, b):
-        prod = a * b
+    def dot(u, v):
+        prod = u * v
         return prod[:m].reshape(-1, GRAM_BLOCK).sum(1).double().sum() + prod[m:].double().sum()
 
     entries = {(i, j): dot(rows[i], rows[j]) for i in range(k) for j in range(i, k)}
