@@ -225,6 +225,30 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 3, warmup: int = 1) -> dict[str, dict]:
+    """`timeit` of several functions in rounds (each round runs every function once, in the given order), so that
+    the ones compared with each other see the same moments of a machine whose speed drifts (a shared VM's memory
+    bandwidth moves by 30 % from one minute to the next). Returns {name: timeit's dict}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, repeat)):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v} for k, v in times.items()}
+
+
+def paired_ratio(num_times: list[float], den_times: list[float]) -> float:
+    """Median over rounds of den_time / num_time: how fast `num` ran against `den` in the same round (with equal
+    work counted, the ratio of their throughputs)."""
+    return statistics.median(d / n for n, d in zip(num_times, den_times, strict=True))
+
+
 def mean(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None

@@ -13,8 +13,10 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
   (sized to the largest tensor), with `kernel="eager"` (chunked torch ops) and `kernel="compiled"` (torch.compile'd
   fused sweeps; the compile of the first call is timed apart). Bytes processed = read (init + M policies) + written
   (theta_slerp and the next theta_init) = (M + 3) x model bytes, every stored tensor once (tied tensors once).
-  Ratio = merge GB/s / copy GB/s. Also `merging.merge_state_dicts` (new output tensors each call) against clone.
-  Each timing: the median of --repeat after a warm-up.
+  Copy, eager and compiled run in rounds (copy, eager, compiled, copy, ...), --repeat rounds after a warm-up one;
+  GB/s from the median times; ratio = the median over rounds of (merge GB/s / copy GB/s) of the same round, so
+  both sides of a ratio see the same moment of the machine (this box's copy bandwidth drifts 27-49 GB/s between
+  runs). Also `merging.merge_state_dicts` (new output tensors each call) against clone (median of --repeat).
 - `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak RSS growth during the call
   (a thread samples /proc/self/statm every 2 ms, after gc + malloc_trim). The call returns both outputs
   (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
@@ -36,7 +38,7 @@ from benchmarks import common  # noqa: E402
 NAME = "merge"
 PRESETS = {
     "tiny": dict(model="embedded:tiny-gpt2", synthetic_tensors=8, synthetic_dim=256, policies="2,4", repeat=3),
-    "cpu": dict(model="embedded:smollm2-135m", synthetic_tensors=64, synthetic_dim=2048, policies="2,4", repeat=3),
+    "cpu": dict(model="embedded:smollm2-135m", synthetic_tensors=64, synthetic_dim=2048, policies="2,4", repeat=5),
     "gpu": dict(model="embedded:smollm2-135m", synthetic_tensors=256, synthetic_dim=2048, policies="2,4", repeat=2),
 }
 COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "copy GB/s", "eager GB/s", "eager / copy",
@@ -174,19 +176,21 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
                 merging.merge_pass(init[k], [p[k] for p in pols], args.lam, args.eta, kernel=kernel,
                                    out=bufs[0][:n], nxt=bufs[1][:n])
 
-        t_copy = common.timeit(copy_all, repeat=args.repeat, warmup=1)
         t_clone = common.timeit(clone_all, repeat=args.repeat, warmup=1)
         merge(warm)
         t_merge = common.timeit(merge, repeat=args.repeat, warmup=0)
-        t_eager = common.timeit(lambda: merge_into("eager"), repeat=args.repeat, warmup=1)
         compile_s = None
+        timed = {"copy": copy_all, "eager": lambda: merge_into("eager")}
         if not merging.compiler_available():
             t0 = time.perf_counter()
             merge_into("compiled", keys=[max(names, key=lambda k: init[k].numel())])
             compile_s = time.perf_counter() - t0
-            t_compiled = common.timeit(lambda: merge_into("compiled"), repeat=args.repeat, warmup=1)
-        else:
-            t_compiled = None
+            timed["compiled"] = lambda: merge_into("compiled")
+        # copy and the merges in rounds (copy, eager, compiled, copy, ...): each ratio is the median over rounds of
+        # the pair timed back to back, not of timings taken minutes apart
+        t = common.timeit_interleaved(timed, repeat=args.repeat, warmup=1)
+        t_copy, t_eager, t_compiled = t["copy"], t["eager"], t.get("compiled")
+        per_byte = (M + 3) / (2 * (M + 1))  # merge bytes / copy bytes
         dests.clear()
         common.release_memory()
 
@@ -204,11 +208,13 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             "merge_bytes": read_written,
             "copy_s": t_copy["median_s"], "copy_bytes": 2 * (M + 1) * B, "copy_gbps": copy_gbps,
             "eager_s": t_eager["median_s"], "eager_times_s": t_eager["times_s"], "eager_gbps": eager_gbps,
-            "eager_over_copy_bandwidth": eager_gbps / copy_gbps,
+            "eager_over_copy_bandwidth": per_byte * common.paired_ratio(t_eager["times_s"], t_copy["times_s"]),
+            "copy_times_s": t_copy["times_s"],
             "compiled_s": t_compiled["median_s"] if t_compiled else None,
             "compiled_times_s": t_compiled["times_s"] if t_compiled else None,
             "compiled_gbps": compiled_gbps,
-            "compiled_over_copy_bandwidth": compiled_gbps / copy_gbps if compiled_gbps else None,
+            "compiled_over_copy_bandwidth": (per_byte * common.paired_ratio(t_compiled["times_s"], t_copy["times_s"])
+                                             if t_compiled else None),
             "compile_first_call_s": compile_s,
             "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"], "merge_gbps": merge_gbps,
             "clone_s": t_clone["median_s"], "clone_bytes": 2 * (M + 1) * B, "clone_gbps": clone_gbps,
@@ -278,7 +284,9 @@ def main(argv=None) -> dict:
                  "torch ops) or compiled (torch.compile'd fused sweeps; compile s = the first call on the largest "
                  "tensor, inductor's on-disk cache may hold it from an earlier run); merge_state_dicts / clone = the "
                  "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
-                 "RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2).",
+                 "RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2). "
+                 "copy, eager and compiled are timed in rounds (one of each per round); eager / copy and compiled / "
+                 "copy = median over rounds of the two bandwidths' ratio in the same round.",
     }
     return common.finish(NAME, args, argv, res, COLUMNS, table(res))
 

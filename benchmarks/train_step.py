@@ -63,6 +63,9 @@ def parse_args(argv):
                     help="run the naive loop and every variant in this process, one after another (default: each in "
                          "a fresh process, so no run inherits an earlier one's engines, threads or allocator state)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--roofline", action="store_true",
+                    help="also count the train phase's matmul FLOPs, time torch.mm on the model's shape in fp32 and "
+                         "bf16, and say how close each run's train phase is to that rate (the 'roofline' record)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the parts of the train phase (policy forward, anchor forward, backward + clip + "
                          "optimizer, EMA) and of the push, per call; medians go to each run's 'breakdown_s'")
@@ -196,6 +199,89 @@ def timed_calls(w, parts: dict[str, list[float]]) -> None:
     wrap(w.backend, "update_weights", "weight push")
 
 
+def train_flops(args) -> dict:
+    """Matmul FLOPs of one step's train phase, counted from the model: every nn.Linear but the LM head over all
+    B x (prompt + completion) tokens, the LM head over the B x C completion positions only (what the project's step
+    computes; the naive loop projects every position: `naive_train_flops`); forward = 2 x weights x rows, backward =
+    2 x forward, and the train phase = policy forward + backward + anchor forward = 4 x forward. Attention scores
+    (sequences of 32 tokens), the optimizer and element-wise work are left out, so the count is a floor."""
+    import torch
+
+    from warp_dist.models import load_causal_lm, resolve_model_path
+
+    model = load_causal_lm(resolve_model_path(args.model), "float32", "cpu")
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    body += sum(m.weight.numel() for m in model.modules()  # GPT-2's Conv1D layers are linear maps too
+                if type(m).__name__ == "Conv1D" and m is not head)
+    head_numel = head.weight.numel()
+    del model
+    rows = args.batch_size * (args.prompt_tokens + args.new_tokens)
+    forward = 2 * body * rows + 2 * head_numel * args.batch_size * args.new_tokens
+    naive_forward = 2 * (body + head_numel) * rows  # the naive loop projects every position
+    return {"linear_weights": body, "head_weights": head_numel, "forward_flops": forward, "train_flops": 4 * forward,
+            "naive_train_flops": 4 * naive_forward}
+
+
+def matmul_rate(dtype_name: str, rows: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """FLOP/s of torch.mm [rows, k] x [k, n] in this dtype on this machine (the model's own matmul shape), best of
+    the calls over ~`seconds` after a warm-up."""
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    a, b = torch.randn(rows, k).to(dt), torch.randn(k, n).to(dt)
+    for _ in range(3):
+        torch.mm(a, b)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        common.sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * k * n / best
+
+
+def roofline(args, runs: dict) -> dict:
+    """How close each run's train phase is to what this machine's matmuls allow: the step's train FLOPs over its
+    train time against torch.mm's rate on the model's MLP shape, and the step it would take with the train phase
+    at that rate (generate, score and push as measured)."""
+    from transformers import AutoConfig
+
+    from warp_dist.models import resolve_model_path
+
+    flops = train_flops(args)
+    cfg = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    hidden = cfg.hidden_size
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    rows = args.batch_size * (args.prompt_tokens + args.new_tokens)
+    rates = {dt: matmul_rate(dt, rows, hidden, inner) for dt in ("float32", "bfloat16")}
+    naive = runs.get("naive", {}).get("step_s")
+    out = {"flops": flops, "matmul_shape": [rows, hidden, inner], "matmul_flops_per_s": rates, "runs": {}}
+    for name, r in runs.items():
+        if "train_s" not in r:
+            continue
+        dt = "float32" if name == "naive" else VARIANTS[name][0]
+        work = flops["naive_train_flops" if name == "naive" else "train_flops"]
+        floor_train = work / rates[dt]
+        best_step = r["step_s"] - r["train_s"] + floor_train
+        out["runs"][name] = {"train_flops_per_s": work / r["train_s"], "of_matmul_rate": work / r["train_s"] / rates[dt],
+                             "train_s_at_matmul_rate": floor_train, "step_s_at_matmul_rate": best_step,
+                             "best_step_over_naive": best_step / naive if naive else None}
+    return out
+
+
+def roofline_note(rf: dict) -> str:
+    f, rates = rf["flops"], rf["matmul_flops_per_s"]
+    parts = [f"roofline: train phase = {f['train_flops'] / 1e9:.0f} GFLOP per step (policy forward + backward + anchor "
+             f"forward, matmuls only); torch.mm {' x '.join(map(str, rf['matmul_shape']))} runs at "
+             f"{rates['float32'] / 1e9:.0f} GFLOP/s fp32 and {rates['bfloat16'] / 1e9:.0f} GFLOP/s bf16 here"]
+    for name, r in rf["runs"].items():
+        ratio = f", {r['best_step_over_naive']:.2f}x naive" if r["best_step_over_naive"] else ""
+        parts.append(f"{name}: train at {r['train_flops_per_s'] / 1e9:.0f} GFLOP/s ({100 * r['of_matmul_rate']:.0f} % of "
+                     f"that rate); at 100 % its step would be {r['step_s_at_matmul_rate']:.2f} s{ratio}")
+    return "; ".join(parts)
+
+
 def table(res: dict) -> list[list[str]]:
     c, naive = res["config"], res["runs"].get("naive", {})
     rows = []
@@ -242,6 +328,9 @@ def main(argv=None) -> dict:
         "step_over_naive": ratios,
         "notes": "medians over the timed steps (step 1 of every run left out); every run samples the same prompts",
     }
+    if args.roofline:
+        res["roofline"] = roofline(args, runs)
+        res["notes"] += ". " + roofline_note(res["roofline"])
     res["rows"] = table(res)
     for name, r in runs.items():
         if "breakdown_s" in r:

@@ -40,7 +40,7 @@ def test_train_step(results, tiny_model_path):
     from benchmarks import common, train_step
 
     out = results / "train_step.json"
-    res = check_written(train_step.main(["--size", "tiny", "--out", str(out)]), out, "train_step")
+    res = check_written(train_step.main(["--size", "tiny", "--roofline", "--out", str(out)]), out, "train_step")
     want = ["naive", "fp32-hf", "bf16-hf"] + (["fp32-vllm"] if common.vllm_import_error() is None else [])
     assert [b for b in res["runs"] if "skipped" not in res["runs"][b]] == want
     for name in want:
@@ -54,6 +54,21 @@ def test_train_step(results, tiny_model_path):
     assert res["runs"]["naive"]["push_s"] == 0 and res["runs"]["fp32-hf"]["push_s"] >= 0
     for name in want[1:]:
         assert positive(res["step_over_naive"][name])
+    # the roofline's FLOP count against GPT-2's by hand: 12 h^2 weights per layer in its linear maps (qkv 3 h^2,
+    # attention out h^2, MLP 4 h^2 + 4 h^2), the tied LM head V x h over the completion positions only
+    from transformers import AutoConfig
+
+    cfg, c = AutoConfig.from_pretrained(tiny_model_path), res["config"]
+    h, rows = cfg.n_embd, c["batch_size"] * (c["prompt_tokens"] + c["new_tokens"])
+    f = res["roofline"]["flops"]
+    assert f["linear_weights"] == 12 * h * h * cfg.n_layer and f["head_weights"] == cfg.vocab_size * h
+    assert f["train_flops"] == 4 * (2 * f["linear_weights"] * rows + 2 * f["head_weights"] * c["batch_size"]
+                                    * c["new_tokens"])
+    for name in want:
+        rf = res["roofline"]["runs"][name]
+        assert positive(rf["train_flops_per_s"]) and positive(rf["of_matmul_rate"])
+        assert 0 < rf["step_s_at_matmul_rate"] < res["runs"][name]["step_s"] + rf["train_s_at_matmul_rate"]
+    assert "roofline: train phase" in res["notes"]
     if "fp32-vllm" in want:
         assert positive(res["runs"]["fp32-vllm"]["push_s"])
         assert all(math.isfinite(s["sampler_logprob_gap"]) for s in res["runs"]["fp32-vllm"]["steps"])
@@ -77,6 +92,11 @@ def test_merge(results, tiny_model_path):
         for k in keys:
             assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
         assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]
+        # copy and the merges timed in the same rounds; the ratio is the median of the rounds' own ratios
+        assert len(r["copy_times_s"]) == len(r["eager_times_s"]) == 3
+        per_byte = (r["M"] + 3) / (2 * (r["M"] + 1))
+        paired = sorted(per_byte * c / e for c, e in zip(r["copy_times_s"], r["eager_times_s"], strict=True))[1]
+        assert r["eager_over_copy_bandwidth"] == pytest.approx(paired, rel=1e-12)
         assert r["stream_extra_bytes_theoretical"] == r["largest_tensor_bytes"] * (r["M"] + 2)
         assert r["stream_outputs_bytes"] == r["model_bytes"]
         assert r["stream_vs_in_memory_max_abs_diff"] <= (1e-6 if r["dtype"] == "float32" else 1e-2)

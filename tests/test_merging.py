@@ -461,7 +461,13 @@ def test_compiled_merge_equals_the_eager_one(dtype, M, with_sft):
     k = len(rows)
     assert ((cg[:k, :k] - exact).abs() <= 1e-7 * scale).all(), (cg[:k, :k] - exact).abs() / scale
     assert ((eg[:k, :k] - exact).abs() <= 1e-9 * scale).all(), (eg[:k, :k] - exact).abs() / scale
+    assert cg.shape == (M + 1, M + 1) and cg.dtype == torch.float64
     assert (eg[k:] == cg[k:]).all() and (eg[:, k:] == cg[:, k:]).all()  # the unused rows: zero in both
+    # lam and eta reach the compiled graph as cached 0-d tensors: another value is another merge, no stale one
+    es2, en2, _ = merging.merge_pass(init, policies, 0.7, 0.9, sft=sft)
+    cs2, cn2, _ = merging.merge_pass(init, policies, 0.7, 0.9, sft=sft, kernel="compiled")
+    assert (cs2.float() - es2.float()).abs().max().item() <= tol and (cn2.float() - en2.float()).abs().max() <= tol
+    assert not torch.equal(cn2, cn) and (M != 2 or not torch.equal(cs2, cs))  # lam counts at M = 2 only
     # small tensors stay eager under kernel="compiled": identical to the eager call
     small = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3, kernel="compiled")
     ref = merging.merge_pass(init[:100], [p[:100] for p in policies], 0.4, 0.3)

@@ -218,7 +218,8 @@ def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None
     """The whole merge of one flat tensor as one graph: the Gram matrix of [p_i - x ..., x - f] (fp32 differences,
     as the eager sweep forms them; fp32 products summed in fp32 over blocks of GRAM_BLOCK elements and the block sums
     in fp64), the SLERP coefficients from it, then out = x + sum_i c_i (p_i - x) and
-    nxt = lerp(x, out, eta) in fp32, stored in x's dtype. Returns the [k, k] Gram matrix."""
+    nxt = lerp(x, out, eta) in fp32, stored in x's dtype. Returns the [M + 1, M + 1] Gram matrix (its last row and
+    column 0 when f is None)."""
     b = x.float()
     rows = [p.float() - b for p in ps]
     if f is not None:
@@ -232,7 +233,10 @@ def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None
         return prod[:m].reshape(-1, GRAM_BLOCK).sum(1).double().sum() + prod[m:].double().sum()
 
     entries = {(i, j): dot(rows[i], rows[j]) for i in range(k) for j in range(i, k)}
-    gram = torch.stack([torch.stack([entries[(min(i, j), max(i, j))] for j in range(k)]) for i in range(k)])
+    zero = torch.zeros((), dtype=torch.float64)
+    m1 = len(ps) + 1  # [M + 1, M + 1] as merge_pass returns it: row and column M are 0 without sft
+    gram = torch.stack([torch.stack([entries[(min(i, j), max(i, j))] if max(i, j) < k else zero for j in range(m1)])
+                        for i in range(m1)])
     coef = slerp_coefficients_tensor(gram[: len(ps), : len(ps)], lam).float()
     d = coef[0] * rows[0]
     for i in range(1, len(ps)):
@@ -264,10 +268,23 @@ def compiled_merge_pass(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor
     fn = compiled_merge(x.dtype, M, f is not None)
     out = torch.empty_like(x) if out is None else out.reshape(-1)
     nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
-    g = fn(x, ps, f, torch.tensor(lam, dtype=torch.float64), torch.tensor(eta, dtype=torch.float32), out, nxt)
-    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
-    gram[: g.shape[0], : g.shape[0]] = g
+    gram = fn(x, ps, f, _scalar(lam, torch.float64), _scalar(eta, torch.float32), out, nxt)
     return out.view_as(like), nxt.view_as(like), gram
+
+
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar(v: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d tensor holding v, made once per (value, dtype): a run merges every tensor with the same lam and eta, and
+    the compiled merge takes them as tensors (no recompile per value)."""
+    key = (float(v), dtype)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 64:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(float(v), dtype=dtype)
+    return t
 
 
 def compiler_available() -> str:
