@@ -269,6 +269,18 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory of this process now (statm resident - shared: the heap and mmapped tensors, without
+    the file-backed pages of libraries and model files, which a process faults in and out as it runs code); the
+    whole RSS where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as fh:
+            fields = fh.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE
+    except OSError:
+        return rss_bytes()
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim), so RSS deltas mean something."""
     import gc
@@ -281,21 +293,23 @@ def release_memory() -> None:
 
 
 class PeakRSS:
-    """Context manager: RSS before, and the peak RSS during the block (a thread samples every `interval_s`)."""
+    """Context manager: RSS before, and the peak RSS during the block (a thread samples every `interval_s`).
+    anon=True: anonymous RSS only (`anon_rss_bytes`), for working memory that library code pages must not blur."""
 
-    def __init__(self, interval_s: float = 0.002):
+    def __init__(self, interval_s: float = 0.002, anon: bool = False):
         self.interval_s = interval_s
+        self._read = anon_rss_bytes if anon else rss_bytes
         self.before = self.peak = self.after = 0
         self._stop = threading.Event()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self._read())
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakRSS:
         release_memory()
-        self.before = self.peak = rss_bytes()
+        self.before = self.peak = self._read()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -303,7 +317,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.after = rss_bytes()
+        self.after = self._read()
         self.peak = max(self.peak, self.after)
 
     @property

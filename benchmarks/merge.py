@@ -17,8 +17,9 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
   GB/s from the median times; ratio = the median over rounds of (merge GB/s / copy GB/s) of the same round, so
   both sides of a ratio see the same moment of the machine (this box's copy bandwidth drifts 27-49 GB/s between
   runs). Also `merging.merge_state_dicts` (new output tensors each call) against clone (median of --repeat).
-- `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak RSS growth during the call
-  (a thread samples /proc/self/statm every 2 ms, after gc + malloc_trim). The call returns both outputs
+- `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak growth of its anonymous RSS
+  during the call (a thread samples /proc/self/statm, resident - shared, every 2 ms, after gc + malloc_trim; the
+  file-backed pages of library code faulted in meanwhile are not the merger's memory and had added up to ~50 MB). The call returns both outputs
   (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
   (largest tensor) x (M + 2) (M policy tensors + 2 outputs of one name). Both are reported next to the model size.
 """
@@ -137,7 +138,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             return got
 
         stream(warm)  # warm-up
-        with common.PeakRSS() as mem:
+        with common.PeakRSS(anon=True) as mem:  # anonymous pages: the merger's memory, not library code
             t0 = time.perf_counter()
             out = stream(names)
             t_stream = time.perf_counter() - t0
@@ -284,7 +285,8 @@ def main(argv=None) -> dict:
                  "torch ops) or compiled (torch.compile'd fused sweeps; compile s = the first call on the largest "
                  "tensor, inductor's on-disk cache may hold it from an earlier run); merge_state_dicts / clone = the "
                  "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
-                 "RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor x (M+2). "
+                 "anonymous-RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor "
+                 "x (M+2). "
                  "copy, eager and compiled are timed in rounds (one of each per round); eager / copy and compiled / "
                  "copy = median over rounds of the two bandwidths' ratio in the same round.",
     }

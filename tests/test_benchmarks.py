@@ -203,3 +203,26 @@ def test_completions(results, tiny_model_path):
     for r in runs.values():
         assert positive(r["sampling_tokens_per_s"]) and positive(r["step_s"]) and positive(r["gain_seconds"])
         assert math.isfinite(r["reward_gain_per_s"]) and len(r["rewards"]) == 3
+
+
+def test_peak_rss_anonymous_counts_a_tensor_but_not_a_mapped_file(tmp_path):
+    """PeakRSS(anon=True), the merge benchmark's memory probe: a 64 MiB tensor written in the block counts; reading a
+    64 MiB file through mmap (file-backed pages, as library code is) does not; plain RSS counts both."""
+    import mmap
+
+    import torch
+
+    from benchmarks import common
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * (64 << 20))
+    mib = 1 << 20
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with common.PeakRSS(anon=True) as anon, common.PeakRSS() as full:
+            total = sum(mm[i] for i in range(0, len(mm), 4096))  # fault every page of the file in
+        assert total == (64 << 20) // 4096
+        assert anon.growth < 16 * mib <= 48 * mib < full.growth, (anon.growth / mib, full.growth / mib)
+    with common.PeakRSS(anon=True) as anon:
+        t = torch.ones(16 << 20)  # 64 MiB, every page written
+        del t
+    assert anon.growth > 48 * mib, anon.growth / mib
