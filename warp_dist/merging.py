@@ -191,8 +191,8 @@ def slerp_coefficients_tensor(gram: torch.Tensor, lam: torch.Tensor) -> torch.Te
     acc = eye[0]
     for j in range(1, m):
         t = lam if m == 2 else torch.full_like(lam, 1.0 / (j + 1))
-        aa = acc @ gram @ acc
-        ab = acc @ gram[:, j]
+        aa = (acc[:, None] * gram * acc[None, :]).sum()  # acc^T G acc, element-wise: no matmul call in the graph
+        ab = (acc * gram[:, j]).sum()
         na, nb = aa.clamp(min=0).sqrt(), gram[j, j].clamp(min=0).sqrt()
         ok = (na >= 1e-12) & (nb >= 1e-12)
         cos = torch.where(ok, ab / torch.where(ok, na * nb, torch.ones_like(na)), torch.zeros_like(ab))
@@ -228,14 +228,15 @@ def _fused_merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None
     n = rows[0].shape[0]
     m = ((n - 2) // GRAM_BLOCK) * GRAM_BLOCK  # the blocked part; a tail of 2..GRAM_BLOCK + 1 elements (never 0 or 1)
 
-    def dot(u, v):
-        prod = u * v
-        return prod[:m].reshape(-1, GRAM_BLOCK).sum(1).double().sum() + prod[m:].double().sum()
-
-    entries = {(i, j): dot(rows[i], rows[j]) for i in range(k) for j in range(i, k)}
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    prods = [rows[i] * rows[j] for i, j in pairs]
+    # the block sums of every entry side by side ([n // GRAM_BLOCK, pairs]), so one reduction sums them all in fp64
+    blocks = torch.stack([p[:m].reshape(-1, GRAM_BLOCK).sum(1) for p in prods], dim=1)
+    sums = blocks.double().sum(0) + torch.stack([p[m:].double().sum() for p in prods])
+    entry = {pair: sums[q] for q, pair in enumerate(pairs)}
     zero = torch.zeros((), dtype=torch.float64)
     m1 = len(ps) + 1  # [M + 1, M + 1] as merge_pass returns it: row and column M are 0 without sft
-    gram = torch.stack([torch.stack([entries[(min(i, j), max(i, j))] if max(i, j) < k else zero for j in range(m1)])
+    gram = torch.stack([torch.stack([entry[(min(i, j), max(i, j))] if max(i, j) < k else zero for j in range(m1)])
                         for i in range(m1)])
     coef = slerp_coefficients_tensor(gram[: len(ps), : len(ps)], lam).float()
     d = coef[0] * rows[0]
