@@ -16,9 +16,11 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
   Copy, eager and compiled run in rounds (copy, eager, compiled, copy, ...), --repeat rounds after a warm-up one;
   GB/s from the median times; ratio = the median over rounds of (merge GB/s / copy GB/s) of the same round, so
   both sides of a ratio see the same moment of the machine (this box's copy bandwidth drifts 27-49 GB/s between
-  runs). Also `merging.merge_state_dicts` (new output tensors each call) against clone (median of --repeat).
-- `dist.stream_merge` with a one-process Dist (what rank 0 runs): wall time, and peak growth of its anonymous RSS
-  during the call (a thread samples /proc/self/statm, resident - shared, every 2 ms, after gc + malloc_trim; the
+  runs). Also `merging.merge_state_dicts` (new output tensors each call) against clone (median of --repeat), and
+  "call us": the compiled merge's fixed cost per call, the intercept of its times on 64 K and 1 M elements.
+- `dist.stream_merge` with a one-process Dist (what rank 0 runs), in a fresh process per row that builds the same
+  state dicts (in this one, earlier timings' freed heap pages made the same row read 38 or 348 MB): wall time, and
+  peak growth of its anonymous RSS during the call (a thread samples /proc/self/statm, resident - shared, every 2 ms, after gc + malloc_trim; the
   file-backed pages of library code faulted in meanwhile are not the merger's memory and had added up to ~50 MB). The call returns both outputs
   (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
   (largest tensor) x (M + 2) (M policy tensors + 2 outputs of one name). Both are reported next to the model size.
@@ -26,6 +28,7 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,7 @@ PRESETS = {
     "gpu": dict(model="embedded:smollm2-135m", synthetic_tensors=256, synthetic_dim=2048, policies="2,4", repeat=2),
 }
 COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "copy GB/s", "eager GB/s", "eager / copy",
-           "compiled GB/s", "compiled / copy", "compile s (first call)", "merge_state_dicts / clone",
+           "compiled GB/s", "compiled / copy", "compile s (first call)", "call us", "merge_state_dicts / clone",
            "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB", "extra / model"]
 WARMUP_BYTES = 64 * 2**20  # the warm-up merges a slice of the tensors up to this size
 NOISE = 1e-3
@@ -59,6 +62,7 @@ def parse_args(argv):
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--eta", type=float, default=0.5)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of state-dict dtypes to merge")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return common.apply_preset(ap.parse_args(argv), PRESETS)
 
 
@@ -103,51 +107,127 @@ def synthetic_state(n: int, dim: int, seed: int):
     return {f"layer.{i}.weight": 0.02 * torch.randn(dim, dim, generator=g) for i in range(n)}
 
 
-def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dict]:
+def compiled_call_cost(dtype, M: int, repeat: int = 200) -> float:
+    """Fixed seconds per compiled merge call, apart from its memory traffic: calls on flat tensors of n1 = 64 K and
+    n2 = 1 M elements (both in the L2/L3 caches' range the model's small tensors live in), the line through the two
+    median times taken at n = 0."""
+    import statistics
+
+    import torch
+
+    from warp_dist import merging
+
+    g = torch.Generator().manual_seed(0)
+    times = {}
+    for n in (merging.COMPILED_MIN, 16 * merging.COMPILED_MIN):
+        x = torch.randn(n, generator=g).to(dtype)
+        ps = [(x.float() + 1e-3 * torch.randn(n, generator=g)).to(dtype) for _ in range(M)]
+        out, nxt = torch.empty_like(x), torch.empty_like(x)
+        merging.merge_pass(x, ps, 0.5, 0.5, kernel="compiled", out=out, nxt=nxt)  # compiles (or hits the cache)
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            merging.merge_pass(x, ps, 0.5, 0.5, kernel="compiled", out=out, nxt=nxt)
+            ts.append(time.perf_counter() - t0)
+        times[n] = statistics.median(ts)
+    (n1, t1), (n2, t2) = sorted(times.items())
+    return max(0.0, t1 - (t2 - t1) / (n2 - n1) * n1)
+
+
+def warm_names(init, names: list[str]) -> list[str]:
+    """A warm-up slice: the first tensors up to WARMUP_BYTES (at least one)."""
+    warm, acc = [], 0
+    for k in names:
+        warm.append(k)
+        acc += init[k].numel() * init[k].element_size()
+        if acc >= WARMUP_BYTES:
+            break
+    return warm
+
+
+def build(source: str, dtype: str, M: int, args):
+    """init and M policies: `source` 'model' (args.model's state dict) or 'synthetic'; tied tensors stay tied."""
+    import torch
+
+    from warp_dist import merging
+
+    state = real_state(args.model) if source == "model" else synthetic_state(args.synthetic_tensors,
+                                                                                args.synthetic_dim, args.seed)
+    init = merging.clone_state(state, dtype=getattr(torch, dtype))
+    del state
+    return init, [with_noise(init, args.seed + 1 + m) for m in range(M)]
+
+
+def measure_stream(init, pols: list, args) -> dict:
+    """`dist.stream_merge` as rank 0 runs it (one process): wall time and peak anonymous-RSS growth over the call,
+    after a warm-up on a slice; the streamed result is checked against the in-memory merge on that slice."""
     import torch
 
     from warp_dist import dist as distmod
+    from warp_dist import merging
+
+    M = len(pols)
+    names = float_names(init)
+    warm = warm_names(init, names)
+    d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
+    if d.world_size != 1:
+        raise RuntimeError("merge.py measures the one-process merger: run it with plain python, not a launcher")
+    sources = {m: (lambda name, st=pols[m]: st[name]) for m in range(M)}
+
+    def stream(keys):
+        """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
+        got = {}
+        distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys}, lambda n: init[n].reshape(-1),
+                             sources, lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
+                             lambda n, full: got.__setitem__(n, full))
+        return got
+
+    stream(warm)  # warm-up
+    with common.PeakRSS(anon=True) as mem:  # anonymous pages: the merger's memory, not library code
+        t0 = time.perf_counter()
+        out = stream(names)
+        t_stream = time.perf_counter() - t0
+    ref, _ = merging.merge_state_dicts({k: init[k] for k in warm}, [{k: p[k] for k in warm} for p in pols],
+                                       args.lam, args.eta)
+    worst = max((ref[k] - out[k]).abs().max().item() for k in warm)
+    return {"stream_s": t_stream, "growth_bytes": mem.growth, "max_abs_diff": worst}
+
+
+def stream_in_child(argv, source: str, dtype: str, M: int) -> dict:
+    """`measure_stream` in a fresh process that builds the same state dicts: RSS growth there is the merger's own,
+    not the reuse of heap pages this process's earlier timings freed (that had made the same row read 38 or 348 MB
+    from one run to the next)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="warp_bench_merge_") as tmp:
+        out = Path(tmp) / "stream.json"
+        given = list(sys.argv[1:] if argv is None else argv)
+        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{source},{dtype},{M}={out}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=common.subprocess_env(), capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
+            raise RuntimeError(f"merge.py stream child {source} {dtype} M={M} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: list[int], args, argv) -> list[dict]:
+    import torch
+
     from warp_dist import merging
 
     names = float_names(init)
     B = state_bytes(init)
     largest_numel = max(init[k].numel() for k in names)  # float tensors of one dtype
     largest = largest_numel * init[names[0]].element_size()
-    warm, acc = [], 0
-    for k in names:  # a warm-up slice: the first tensors up to WARMUP_BYTES (at least one)
-        warm.append(k)
-        acc += init[k].numel() * init[k].element_size()
-        if acc >= WARMUP_BYTES:
-            break
+    warm = warm_names(init, names)
     rows = []
     for M in ms:
         pols = policies_all[:M]
-        # the streaming merger's memory first, before the timings below leave their own heap state behind
-        d = distmod.init(M, 60.0, cpu=not torch.cuda.is_available())
-        if d.world_size != 1:
-            raise RuntimeError("merge.py measures the one-process merger: run it with plain python, not a launcher")
-        sources = {m: (lambda name, st=pols[m]: st[name]) for m in range(M)}
-
-        def stream(keys, d=d, sources=sources):
-            """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
-            got = {}
-            distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys},
-                                 lambda n: init[n].reshape(-1), sources,
-                                 lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
-                                 lambda n, full: got.__setitem__(n, full))
-            return got
-
-        stream(warm)  # warm-up
-        with common.PeakRSS(anon=True) as mem:  # anonymous pages: the merger's memory, not library code
-            t0 = time.perf_counter()
-            out = stream(names)
-            t_stream = time.perf_counter() - t0
-        # sanity: the streamed merge is the in-memory merge
-        ref, _ = merging.merge_state_dicts({k: init[k] for k in warm}, [{k: p[k] for k in warm} for p in pols],
-                                           args.lam, args.eta)
-        worst = max((ref[k] - out[k]).abs().max().item() for k in warm)
-        del out, ref
-        common.release_memory()
+        # the streaming merger's memory, in a fresh process (see stream_in_child)
+        st = stream_in_child(argv, source, dtype, M)
+        t_stream, worst, growth = st["stream_s"], st["max_abs_diff"], st["growth_bytes"]
 
         def clone_all(keys=names, pols=pols):
             for st in (init, *pols):
@@ -187,6 +267,9 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             merge_into("compiled", keys=[max(names, key=lambda k: init[k].numel())])
             compile_s = time.perf_counter() - t0
             timed["compiled"] = lambda: merge_into("compiled")
+            call_s = compiled_call_cost(init[names[0]].dtype, M)
+        else:
+            call_s = None
         # copy and the merges in rounds (copy, eager, compiled, copy, ...): each ratio is the median over rounds of
         # the pair timed back to back, not of timings taken minutes apart
         t = common.timeit_interleaved(timed, repeat=args.repeat, warmup=1)
@@ -202,7 +285,7 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
         eager_gbps = read_written / t_eager["median_s"] / common.GB
         compiled_gbps = read_written / t_compiled["median_s"] / common.GB if t_compiled else None
         outputs = B  # theta_slerp kept by the benchmark's on_slerp (the trainer updates its tensors in place)
-        extra = mem.growth - outputs
+        extra = growth - outputs
         theory = largest * (M + 2)
         rows.append({
             "state_dict": label, "M": M, "model_bytes": B, "num_tensors": len(names), "largest_tensor_bytes": largest,
@@ -216,12 +299,12 @@ def bench_state(label: str, init, policies_all, ms: list[int], args) -> list[dic
             "compiled_gbps": compiled_gbps,
             "compiled_over_copy_bandwidth": (per_byte * common.paired_ratio(t_compiled["times_s"], t_copy["times_s"])
                                              if t_compiled else None),
-            "compile_first_call_s": compile_s,
+            "compile_first_call_s": compile_s, "compiled_call_overhead_s": call_s,
             "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"], "merge_gbps": merge_gbps,
             "clone_s": t_clone["median_s"], "clone_bytes": 2 * (M + 1) * B, "clone_gbps": clone_gbps,
             "merge_over_clone_bandwidth": merge_gbps / clone_gbps,
             "stream_merge_s": t_stream,
-            "stream_rss_peak_growth_bytes": mem.growth, "stream_outputs_bytes": outputs,
+            "stream_rss_peak_growth_bytes": growth, "stream_outputs_bytes": outputs,
             "stream_extra_bytes_measured": extra, "stream_extra_bytes_theoretical": theory,
             "stream_extra_over_model": extra / B, "theoretical_over_model": theory / B,
             "stream_vs_in_memory_max_abs_diff": worst,
@@ -239,7 +322,9 @@ def table(res: dict) -> list[list[str]]:
                      common.fmt(r["largest_tensor_bytes"] / common.MB), str(r["M"]), common.fmt(r["copy_gbps"]),
                      common.fmt(r["eager_gbps"]), common.fmt_ratio(r["eager_over_copy_bandwidth"]),
                      opt(r["compiled_gbps"]), opt(r["compiled_over_copy_bandwidth"], common.fmt_ratio),
-                     opt(r["compile_first_call_s"]), common.fmt_ratio(r["merge_over_clone_bandwidth"]),
+                     opt(r["compile_first_call_s"]),
+                     opt(r["compiled_call_overhead_s"] * 1e6 if r["compiled_call_overhead_s"] is not None else None),
+                     common.fmt_ratio(r["merge_over_clone_bandwidth"]),
                      common.fmt(r["stream_merge_s"]), common.fmt(r["stream_extra_bytes_measured"] / common.MB),
                      common.fmt(r["stream_extra_bytes_theoretical"] / common.MB),
                      common.fmt_ratio(r["stream_extra_over_model"])])
@@ -250,12 +335,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from warp_dist import merging
-
     ms = common.int_list(args.policies)
     if not ms or min(ms) < 1:
         raise SystemExit("--policies: a comma list of M >= 1")
     from warp_dist import dist as distmod
+
+    if args.child:  # one streaming-merger measurement, in the fresh process the parent started
+        spec, out = args.child.split("=", 1)
+        source, dt, M = spec.split(",")
+        init, pols = build(source, dt, int(M), args)
+        res = measure_stream(init, pols, args)
+        common.write_json_atomic(out, res)
+        return res
 
     distmod.tune_allocator()  # the trainer's allocator settings from the first timing on (dist.init sets them too)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -265,12 +356,9 @@ def main(argv=None) -> dict:
     rows = []
     n, dim = args.synthetic_tensors, args.synthetic_dim
     for dt in dtypes:
-        cast = getattr(torch, dt)
-        for label, make in ((args.model, lambda: real_state(args.model)),
-                            (f"synthetic {n} x [{dim}, {dim}]", lambda: synthetic_state(n, dim, args.seed))):
-            init = merging.clone_state(make(), dtype=cast)  # tied tensors stay tied
-            pols = [with_noise(init, args.seed + 1 + m) for m in range(max(ms))]
-            rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", init, pols, ms, args)]
+        for label, source in ((args.model, "model"), (f"synthetic {n} x [{dim}, {dim}]", "synthetic")):
+            init, pols = build(source, dt, max(ms), args)
+            rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", source, dt, init, pols, ms, args, argv)]
             del init, pols
             common.release_memory()
     res = {
@@ -285,8 +373,9 @@ def main(argv=None) -> dict:
                  "torch ops) or compiled (torch.compile'd fused sweeps; compile s = the first call on the largest "
                  "tensor, inductor's on-disk cache may hold it from an earlier run); merge_state_dicts / clone = the "
                  "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
-                 "anonymous-RSS growth during dist.stream_merge minus its full outputs; theoretical = largest tensor "
-                 "x (M+2). "
+                 "anonymous-RSS growth during dist.stream_merge (in a fresh process per row) minus its full outputs; "
+                 "theoretical = largest tensor x (M+2); call us = the compiled merge's fixed cost per call (intercept "
+                 "of its times on 64 K and 1 M elements). "
                  "copy, eager and compiled are timed in rounds (one of each per round); eager / copy and compiled / "
                  "copy = median over rounds of the two bandwidths' ratio in the same round.",
     }

@@ -89,6 +89,7 @@ def test_merge(results, tiny_model_path):
                 "stream_extra_bytes_theoretical"]
         if not merging.compiler_available():  # the compiled kernel is measured where it can run
             keys += ["compiled_gbps", "compiled_over_copy_bandwidth", "compile_first_call_s"]
+            assert 0 <= r["compiled_call_overhead_s"] < 0.1, r["compiled_call_overhead_s"]
         for k in keys:
             assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
         assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]
