@@ -343,6 +343,10 @@ def main(argv=None) -> dict:
     if args.child:  # one streaming-merger measurement, in the fresh process the parent started
         spec, out = args.child.split("=", 1)
         source, dt, M = spec.split(",")
+        # the state dicts in mmapped blocks: building them leaves no freed holes in the heap for the merge's
+        # allocations to land in (glibc serves a request from a free heap chunk before it considers mmap, and pages
+        # malloc_trim released come back as growth: the same row read 23 or 112 MB)
+        distmod.tune_allocator(mmap_threshold=1 << 20)
         init, pols = build(source, dt, int(M), args)
         res = measure_stream(init, pols, args)
         common.write_json_atomic(out, res)
