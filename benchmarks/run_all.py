@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                  # --size cpu: ~10-11 min on 2 quiet cores -> benchmarks/RESULTS.md
     python benchmarks/run_all.py --size tiny      # smoke run (~1.5 min) -> benchmarks/results/tiny/RESULTS.md
     python benchmarks/run_all.py --no-run         # re-render the report from the JSONs already there
+    python benchmarks/run_all.py --size tiny --results-dir /tmp/b   # JSONs, logs and RESULTS.md all in /tmp/b
 
 Order: rollout (HF vs vLLM tokens/s, benchmarks/rollout.py), train_step, merge, scaling, e2e, completions; memory
 (per-rank peak memory of real runs, ~40 min) only with `--only memory`. Each benchmark runs
@@ -185,15 +186,17 @@ def render(size: str, results: Path, statuses: dict[str, dict], started: str | N
 def parse_args(argv):
     ap = common.parser(NAME, __doc__)
     ap.set_defaults(out=None)
-    ap.add_argument("--results-dir", default=None, help="where the JSONs go (default per size, see above)")
+    ap.add_argument("--results-dir", default=None, help="where the JSONs go (default per size, see above); the report too unless --out")
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma list out of {','.join(ORDER)} (default: all "
                     "but memory)")
     ap.add_argument("--no-run", action="store_true", help="only re-render the report from existing JSONs")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per benchmark")
     args = ap.parse_args(argv)
     res_dir, md = default_paths(args.size)
-    args.results_dir = Path(args.results_dir) if args.results_dir else res_dir
-    args.out = Path(args.out) if args.out else md
+    given_dir = args.results_dir
+    args.results_dir = Path(given_dir) if given_dir else res_dir
+    # the report goes beside the JSONs it is rendered from when only --results-dir is given
+    args.out = Path(args.out) if args.out else (args.results_dir / "RESULTS.md" if given_dir else md)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in ORDER]
     if bad:

@@ -157,6 +157,11 @@ def test_run_all_plan_and_report(results, tmp_path):
             argv = run_all.bench_argv(name, size, tmp_path)
             assert argv[0] == "--size" and argv[-2:] == ["--out", str(tmp_path / f"{name}.json")]
     assert "embedded:smollm2-135m" in run_all.bench_argv("rollout", "cpu", tmp_path)
+    # --results-dir alone: the report lands beside the JSONs, not in the repository's default place
+    other = tmp_path / "only_dir"
+    other.mkdir()
+    assert run_all.main(["--size", "tiny", "--no-run", "--results-dir", str(other)])["report"] == str(other / "RESULTS.md")
+    assert (other / "RESULTS.md").exists()
     md = tmp_path / "RESULTS.md"
     res = run_all.main(["--size", "tiny", "--no-run", "--results-dir", str(results), "--out", str(md)])
     assert res["failed"] == [] and md.exists()
