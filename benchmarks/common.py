@@ -213,16 +213,7 @@ def sync() -> None:
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> dict:
     """Run fn `warmup` times untimed, then `repeat` times timed; median, min and every time in seconds."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+    return timeit_interleaved({"fn": fn}, repeat=repeat, warmup=warmup)["fn"]
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 3, warmup: int = 1) -> dict[str, dict]:
@@ -258,27 +249,31 @@ def mean(xs) -> float | None:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (from /proc; psutil when /proc is missing)."""
+def _statm() -> list[int] | None:
+    """/proc/self/statm in pages (size, resident, shared, ...), None where /proc is missing."""
     try:
         with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * _PAGE
+            return [int(v) for v in fh.read().split()]
     except OSError:
+        return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (from /proc; psutil when /proc is missing)."""
+    pages = _statm()
+    if pages is None:
         import psutil
 
         return psutil.Process().memory_info().rss
+    return pages[1] * _PAGE
 
 
 def anon_rss_bytes() -> int:
     """Resident anonymous memory of this process now (statm resident - shared: the heap and mmapped tensors, without
     the file-backed pages of libraries and model files, which a process faults in and out as it runs code); the
     whole RSS where /proc is missing."""
-    try:
-        with open("/proc/self/statm") as fh:
-            fields = fh.read().split()
-        return (int(fields[1]) - int(fields[2])) * _PAGE
-    except OSError:
-        return rss_bytes()
+    pages = _statm()
+    return (pages[1] - pages[2]) * _PAGE if pages is not None else rss_bytes()
 
 
 def release_memory() -> None:
@@ -363,6 +358,23 @@ def subprocess_env(**extra) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def rerun_as_child(script: str, argv: list[str] | None, spec: str, what: str) -> dict:
+    """Run `script` again in a fresh `python` process with this command's arguments plus `--child <spec>=<file>`,
+    and return the JSON the child wrote to that file (a benchmark's way to measure one case without the state an
+    earlier case left in this process: engines, threads, heap pages). Raises with the child's output tail."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="warp_bench_child_") as tmp:
+        out = Path(tmp) / "child.json"
+        given = list(sys.argv[1:] if argv is None else argv)
+        cmd = [python_bin(), str(Path(script).resolve()), *given, "--child", f"{spec}={out}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
+            raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
 
 
 def run_timed(cmd: list[str], env: dict, timeout: float, log_path: Path | None = None) -> tuple[float, str]:

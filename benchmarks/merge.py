@@ -197,19 +197,7 @@ def stream_in_child(argv, source: str, dtype: str, M: int) -> dict:
     """`measure_stream` in a fresh process that builds the same state dicts: RSS growth there is the merger's own,
     not the reuse of heap pages this process's earlier timings freed (that had made the same row read 38 or 348 MB
     from one run to the next)."""
-    import json
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="warp_bench_merge_") as tmp:
-        out = Path(tmp) / "stream.json"
-        given = list(sys.argv[1:] if argv is None else argv)
-        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{source},{dtype},{M}={out}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=common.subprocess_env(), capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
-            raise RuntimeError(f"merge.py stream child {source} {dtype} M={M} failed (exit {proc.returncode}):\n{tail}")
-        return json.loads(out.read_text())
+    return common.rerun_as_child(__file__, argv, f"{source},{dtype},{M}", f"merge.py stream child {source} {dtype} M={M}")
 
 
 def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: list[int], args, argv) -> list[dict]:

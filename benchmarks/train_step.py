@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -168,15 +166,7 @@ def bench_one(args, name: str) -> dict:
 
 def run_child(args, argv, name: str) -> dict:
     """One run (the naive loop or a variant) in a fresh `python` process with this command's settings."""
-    with tempfile.TemporaryDirectory(prefix="warp_bench_step_child_") as tmp:
-        out = Path(tmp) / "run.json"
-        given = list(sys.argv[1:] if argv is None else argv)
-        cmd = [common.python_bin(), str(Path(__file__).resolve()), *given, "--child", f"{name}={out}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=common.subprocess_env(), capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
-            raise RuntimeError(f"train_step run {name!r} failed (exit {proc.returncode}):\n{tail}")
-        return json.loads(out.read_text())
+    return common.rerun_as_child(__file__, argv, name, f"train_step run {name!r}")
 
 
 def timed_calls(w, parts: dict[str, list[float]]) -> None:
@@ -211,16 +201,18 @@ def train_flops(args) -> dict:
 
     model = load_causal_lm(resolve_model_path(args.model), "float32", "cpu")
     head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    body += sum(m.weight.numel() for m in model.modules()  # GPT-2's Conv1D layers are linear maps too
-                if type(m).__name__ == "Conv1D" and m is not head)
+    body = sum(m.weight.numel() for m in model.modules()  # GPT-2's Conv1D layers are linear maps too
+               if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and m is not head)
     head_numel = head.weight.numel()
+    cfg = model.config
+    hidden = cfg.hidden_size
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     del model
     rows = args.batch_size * (args.prompt_tokens + args.new_tokens)
     forward = 2 * body * rows + 2 * head_numel * args.batch_size * args.new_tokens
     naive_forward = 2 * (body + head_numel) * rows  # the naive loop projects every position
     return {"linear_weights": body, "head_weights": head_numel, "forward_flops": forward, "train_flops": 4 * forward,
-            "naive_train_flops": 4 * naive_forward}
+            "naive_train_flops": 4 * naive_forward, "mlp_shape": [rows, hidden, inner]}
 
 
 def matmul_rate(dtype_name: str, rows: int, k: int, n: int, seconds: float = 1.0) -> float:
@@ -245,18 +237,11 @@ def roofline(args, runs: dict) -> dict:
     """How close each run's train phase is to what this machine's matmuls allow: the step's train FLOPs over its
     train time against torch.mm's rate on the model's MLP shape, and the step it would take with the train phase
     at that rate (generate, score and push as measured)."""
-    from transformers import AutoConfig
-
-    from warp_dist.models import resolve_model_path
-
     flops = train_flops(args)
-    cfg = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    hidden = cfg.hidden_size
-    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-    rows = args.batch_size * (args.prompt_tokens + args.new_tokens)
-    rates = {dt: matmul_rate(dt, rows, hidden, inner) for dt in ("float32", "bfloat16")}
+    shape = flops["mlp_shape"]
+    rates = {dt: matmul_rate(dt, *shape) for dt in ("float32", "bfloat16")}
     naive = runs.get("naive", {}).get("step_s")
-    out = {"flops": flops, "matmul_shape": [rows, hidden, inner], "matmul_flops_per_s": rates, "runs": {}}
+    out = {"flops": flops, "matmul_shape": shape, "matmul_flops_per_s": rates, "runs": {}}
     for name, r in runs.items():
         if "train_s" not in r:
             continue
