@@ -10,14 +10,16 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
   into destinations allocated once (bytes moved = read + written = 2 x (M + 1) x model bytes), and `clone()`, which
   also pays for fresh pages (a page fault per 4 KiB).
 - The merge as the trainer runs it: `merging.merge_pass` tensor after tensor into output buffers allocated once
-  (sized to the largest tensor), with `kernel="eager"` (chunked torch ops) and `kernel="compiled"` (torch.compile'd
-  fused sweeps; the compile of the first call is timed apart). Bytes processed = read (init + M policies) + written
+  (sized to the largest tensor), with `kernel="eager"` (chunked torch ops), `kernel="compiled"` (torch.compile'd
+  fused sweeps; the compile of the first call is timed apart) and `kernel="native"` (the same sweeps as a C++
+  function, built once per machine). Bytes processed = read (init + M policies) + written
   (theta_slerp and the next theta_init) = (M + 3) x model bytes, every stored tensor once (tied tensors once).
-  Copy, eager and compiled run in rounds (copy, eager, compiled, copy, ...), --repeat rounds after a warm-up one;
+  Copy, eager, compiled and native run in rounds (copy, eager, compiled, native, copy, ...), --repeat rounds after a warm-up one;
   GB/s from the median times; ratio = the median over rounds of (merge GB/s / copy GB/s) of the same round, so
   both sides of a ratio see the same moment of the machine (this box's copy bandwidth drifts 27-49 GB/s between
   runs). Also `merging.merge_state_dicts` (new output tensors each call) against clone (median of --repeat), and
-  "call us": the compiled merge's fixed cost per call, the intercept of its times on 64 K and 1 M elements.
+  "call us": the compiled (and native) merge's fixed cost per call, the intercept of its times on 64 K and 1 M
+  elements.
 - `dist.stream_merge` with a one-process Dist (what rank 0 runs), in a fresh process per row that builds the same
   state dicts (in this one, earlier timings' freed heap pages made the same row read 38 or 348 MB): wall time, and
   peak growth of its anonymous RSS during the call (a thread samples /proc/self/statm, resident - shared, every 2 ms, after gc + malloc_trim; the
@@ -46,7 +48,8 @@ PRESETS = {
     "gpu": dict(model="embedded:smollm2-135m", synthetic_tensors=256, synthetic_dim=2048, policies="2,4", repeat=2),
 }
 COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "copy GB/s", "eager GB/s", "eager / copy",
-           "compiled GB/s", "compiled / copy", "compile s (first call)", "call us", "merge_state_dicts / clone",
+           "compiled GB/s", "compiled / copy", "compile s (first call)", "call us", "native GB/s", "native / copy",
+           "native call us", "merge_state_dicts / clone",
            "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB", "extra / model"]
 WARMUP_BYTES = 64 * 2**20  # the warm-up merges a slice of the tensors up to this size
 NOISE = 1e-3
@@ -107,8 +110,8 @@ def synthetic_state(n: int, dim: int, seed: int):
     return {f"layer.{i}.weight": 0.02 * torch.randn(dim, dim, generator=g) for i in range(n)}
 
 
-def compiled_call_cost(dtype, M: int, repeat: int = 200) -> float:
-    """Fixed seconds per compiled merge call, apart from its memory traffic: calls on flat tensors of n1 = 64 K and
+def call_cost(kernel: str, dtype, M: int, repeat: int = 200) -> float:
+    """Fixed seconds per merge call of `kernel` (compiled or native), apart from its memory traffic: calls on flat tensors of n1 = 64 K and
     n2 = 1 M elements (both in the L2/L3 caches' range the model's small tensors live in), the line through the two
     median times taken at n = 0."""
     import statistics
@@ -123,11 +126,11 @@ def compiled_call_cost(dtype, M: int, repeat: int = 200) -> float:
         x = torch.randn(n, generator=g).to(dtype)
         ps = [(x.float() + 1e-3 * torch.randn(n, generator=g)).to(dtype) for _ in range(M)]
         out, nxt = torch.empty_like(x), torch.empty_like(x)
-        merging.merge_pass(x, ps, 0.5, 0.5, kernel="compiled", out=out, nxt=nxt)  # compiles (or hits the cache)
+        merging.merge_pass(x, ps, 0.5, 0.5, kernel=kernel, out=out, nxt=nxt)  # compiles (or hits the cache)
         ts = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            merging.merge_pass(x, ps, 0.5, 0.5, kernel="compiled", out=out, nxt=nxt)
+            merging.merge_pass(x, ps, 0.5, 0.5, kernel=kernel, out=out, nxt=nxt)
             ts.append(time.perf_counter() - t0)
         times[n] = statistics.median(ts)
     (n1, t1), (n2, t2) = sorted(times.items())
@@ -255,13 +258,19 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
             merge_into("compiled", keys=[max(names, key=lambda k: init[k].numel())])
             compile_s = time.perf_counter() - t0
             timed["compiled"] = lambda: merge_into("compiled")
-            call_s = compiled_call_cost(init[names[0]].dtype, M)
+            call_s = call_cost("compiled", init[names[0]].dtype, M)
         else:
             call_s = None
+        from warp_dist import native
+
+        native_call_s = None
+        if not native.unavailable():
+            timed["native"] = lambda: merge_into("native")
+            native_call_s = call_cost("native", init[names[0]].dtype, M)
         # copy and the merges in rounds (copy, eager, compiled, copy, ...): each ratio is the median over rounds of
         # the pair timed back to back, not of timings taken minutes apart
         t = common.timeit_interleaved(timed, repeat=args.repeat, warmup=1)
-        t_copy, t_eager, t_compiled = t["copy"], t["eager"], t.get("compiled")
+        t_copy, t_eager, t_compiled, t_native = t["copy"], t["eager"], t.get("compiled"), t.get("native")
         per_byte = (M + 3) / (2 * (M + 1))  # merge bytes / copy bytes
         dests.clear()
         common.release_memory()
@@ -272,6 +281,7 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
         merge_gbps = read_written / t_merge["median_s"] / common.GB
         eager_gbps = read_written / t_eager["median_s"] / common.GB
         compiled_gbps = read_written / t_compiled["median_s"] / common.GB if t_compiled else None
+        native_gbps = read_written / t_native["median_s"] / common.GB if t_native else None
         outputs = B  # theta_slerp kept by the benchmark's on_slerp (the trainer updates its tensors in place)
         extra = growth - outputs
         theory = largest * (M + 2)
@@ -288,6 +298,12 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
             "compiled_over_copy_bandwidth": (per_byte * common.paired_ratio(t_compiled["times_s"], t_copy["times_s"])
                                              if t_compiled else None),
             "compile_first_call_s": compile_s, "compiled_call_overhead_s": call_s,
+            "native_s": t_native["median_s"] if t_native else None,
+            "native_times_s": t_native["times_s"] if t_native else None,
+            "native_gbps": native_gbps,
+            "native_over_copy_bandwidth": (per_byte * common.paired_ratio(t_native["times_s"], t_copy["times_s"])
+                                           if t_native else None),
+            "native_call_overhead_s": native_call_s,
             "merge_s": t_merge["median_s"], "merge_times_s": t_merge["times_s"], "merge_gbps": merge_gbps,
             "clone_s": t_clone["median_s"], "clone_bytes": 2 * (M + 1) * B, "clone_gbps": clone_gbps,
             "merge_over_clone_bandwidth": merge_gbps / clone_gbps,
@@ -312,6 +328,8 @@ def table(res: dict) -> list[list[str]]:
                      opt(r["compiled_gbps"]), opt(r["compiled_over_copy_bandwidth"], common.fmt_ratio),
                      opt(r["compile_first_call_s"]),
                      opt(r["compiled_call_overhead_s"] * 1e6 if r["compiled_call_overhead_s"] is not None else None),
+                     opt(r["native_gbps"]), opt(r["native_over_copy_bandwidth"], common.fmt_ratio),
+                     opt(r["native_call_overhead_s"] * 1e6 if r["native_call_overhead_s"] is not None else None),
                      common.fmt_ratio(r["merge_over_clone_bandwidth"]),
                      common.fmt(r["stream_merge_s"]), common.fmt(r["stream_extra_bytes_measured"] / common.MB),
                      common.fmt(r["stream_extra_bytes_theoretical"] / common.MB),
@@ -367,9 +385,10 @@ def main(argv=None) -> dict:
                  "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
                  "anonymous-RSS growth during dist.stream_merge (in a fresh process per row) minus its full outputs; "
                  "theoretical = largest tensor x (M+2); call us = the compiled merge's fixed cost per call (intercept "
-                 "of its times on 64 K and 1 M elements). "
-                 "copy, eager and compiled are timed in rounds (one of each per round); eager / copy and compiled / "
-                 "copy = median over rounds of the two bandwidths' ratio in the same round.",
+                 "of its times on 64 K and 1 M elements; native call us the same for the C++ kernel). "
+                 "copy, eager, compiled and native are timed in rounds (one of each per round); eager / copy, "
+                 "compiled / copy and native / copy = median over rounds of the two bandwidths' ratio in the same "
+                 "round.",
     }
     return common.finish(NAME, args, argv, res, COLUMNS, table(res))
 

@@ -90,6 +90,11 @@ def test_merge(results, tiny_model_path):
         if not merging.compiler_available():  # the compiled kernel is measured where it can run
             keys += ["compiled_gbps", "compiled_over_copy_bandwidth", "compile_first_call_s"]
             assert 0 <= r["compiled_call_overhead_s"] < 0.1, r["compiled_call_overhead_s"]
+        from warp_dist import native
+
+        if not native.unavailable():  # the C++ kernel, where it builds
+            keys += ["native_gbps", "native_over_copy_bandwidth"]
+            assert 0 <= r["native_call_overhead_s"] < 0.1 and len(r["native_times_s"]) == 3, r["native_times_s"]
         for k in keys:
             assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
         assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]

@@ -50,9 +50,10 @@ def test_topology_plans_and_errors():
 
 def test_two_policies_on_two_ranks_merge_equals_reference(tmp_path, tiny_model_path):
     out = tmp_path / "w2m2"
-    proc = launch(2, "launch/warp.py", *tiny(out, "save_iterations=true"))
+    proc = launch(2, "launch/warp.py", *tiny(out, "save_iterations=true", "merge.kernel=native"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["merge_kernel"] for r in recs if r["kind"] == "merge"} == {"native"}  # the C++ merge, every tensor
     train = [r for r in recs if r["kind"] == "train" and r["iteration"] == 1]
     by_policy = {p: [r for r in train if r["policy"] == p] for p in (0, 1)}
     assert {r["rank"] for r in by_policy[0]} == {0} and {r["rank"] for r in by_policy[1]} == {1}

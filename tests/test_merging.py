@@ -485,16 +485,109 @@ def test_compiled_merge_flags_non_finite_inputs():
     assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
 
 
+def _native():
+    from warp_dist import native
+
+    why = native.unavailable()
+    if why:
+        pytest.skip(why)
+    return native
+
+
+@pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 1, False), (torch.float32, 2, True),
+                                               (torch.float32, 4, True), (torch.bfloat16, 2, False),
+                                               (torch.bfloat16, 3, True)])
+def test_native_merge_is_the_compiled_one_bit_for_bit(dtype, M, with_sft):
+    """merge.kernel=native runs the compiled graph's math in C++: the same output bits, a Gram matrix within the
+    compiled one's bound, at every size (the compiled graph itself from 577 elements, where merge_pass would stay eager;
+    below two Gram blocks the graph does not compile, and the eager merge is the reference)."""
+    native = _native()
+    for n in (2, 3, 255, 256, 577, merging.COMPILED_MIN + 4321):
+        init = _rand(n, seed=150 + n).to(dtype)
+        policies = [(init.float() + 0.01 * _rand(n, seed=151 + m)).to(dtype) for m in range(M)]
+        sft = _rand(n, seed=160).to(dtype) if with_sft else None
+        out, nxt = torch.full_like(init, float("nan")), torch.full_like(init, float("nan"))
+        ns, nn, ng = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="native", out=out, nxt=nxt)
+        assert ns.data_ptr() == out.data_ptr() and nn.data_ptr() == nxt.data_ptr()  # written in place
+        if n > 2 * merging.GRAM_BLOCK:
+            cs, cn, _ = merging.compiled_merge_pass(init, policies, sft, 0.4, 0.3, None, None, init)
+            assert torch.equal(ns, cs) and torch.equal(nn, cn), n
+        es, en, _ = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft)  # the eager reference, within a rounding
+        # (2 or 3 elements with M >= 2: task vectors near-colinear, where a Gram rounding moves the SLERP weights more)
+        tol = (1e-6 if n > 3 else 1e-4) if dtype == torch.float32 else 0.016
+        assert (ns.float() - es.float()).abs().max().item() <= tol and (nn.float() - en.float()).abs().max() <= tol
+        rows = [(p.double() - init.double()) for p in policies] + ([init.double() - sft.double()] if with_sft else [])
+        exact = torch.tensor([[float(a @ b) for b in rows] for a in rows], dtype=torch.float64)
+        scale = torch.tensor([[float(a.abs() @ b.abs()) for b in rows] for a in rows], dtype=torch.float64)
+        k = len(rows)
+        assert ng.shape == (M + 1, M + 1) and ng.dtype == torch.float64
+        # fp32 sums over a block of <= 256 products (16 vector lanes, then across them), fp64 over blocks: ~16 u
+        # relative to sum |a_i b_i| at worst (u = 6e-8), 1e-7 measured on one block; a wrong entry is off by O(1)
+        assert ((ng[:k, :k] - exact).abs() <= 1e-6 * scale).all(), n
+        assert (ng[k:] == 0).all() and (ng[:, k:] == 0).all()
+    assert native.EPS == merging.EPS
+
+
+def test_native_merge_falls_back_to_eager_and_flags_non_finite_inputs():
+    _native()
+    n = 1000
+    init = _rand(n, seed=170)
+    policies = [init + 0.01 * _rand(n, seed=171), init + 0.01 * _rand(n, seed=172)]
+    # dtypes the kernel does not take (fp16, mixed fp32/bf16) merge eagerly: the eager call's exact result
+    for x, ps in ((init.half(), [p.half() for p in policies]), (init, [policies[0], policies[1].bfloat16()])):
+        got, ref = merging.merge_pass(x, ps, 0.5, 0.5, kernel="native"), merging.merge_pass(x, ps, 0.5, 0.5)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    policies[1][17] = float("nan")  # a NaN in a policy: its Gram diagonal is NaN, the other policy's stays finite
+    _, _, g = merging.merge_pass(init, policies, 0.5, 0.5, kernel="native")
+    assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
+
+
+def test_native_kernel_builds_once_into_its_cache_atomically(tmp_path, monkeypatch):
+    native = _native()
+    monkeypatch.setenv("WARP_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_FN", None)
+    native.load()  # a build into the new cache folder
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("merge_kernel-") and built[0].suffix == ".so", built
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_FN", None)
+    native.load()  # found: no second build, no temporary left behind
+    assert list((tmp_path / "cache").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    x = _rand(300, seed=180)
+    _, _, g = merging.merge_pass(x, [x + 1, x - 1], 0.5, 0.5, kernel="native")
+    assert g[0, 0].item() == pytest.approx(300.0) and g[0, 1].item() == pytest.approx(-300.0)
+
+
+def test_native_kernel_reports_a_failed_build_in_one_line(tmp_path, monkeypatch):
+    native = _native()
+    monkeypatch.setenv("WARP_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_FN", None)
+    bad = tmp_path / "merge_kernel.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    why = native.unavailable()
+    assert why.startswith("merge.kernel=native: building merge_kernel.cpp with ") and "\n" not in why, why
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing half-written
+
+
 def test_kernel_for_auto_compiles_only_when_the_eager_merges_would_take_long(monkeypatch, tmp_path):
     assert merging.kernel_for("eager", 10**12, 2, 5) == "eager"
     assert merging.kernel_for("compiled", 1, 2, 1) == "compiled"
     small = 4 * 135_000_000  # SmolLM2-135M in fp32: (M + 3) x 0.54 GB x 2 iterations ~ 2 s eager -> eager
     assert merging.kernel_for("auto", small, 2, 2) == "eager"
-    big = 4 * 7_000_000_000  # a 7 B model: minutes of eager merging -> compiled, when a compiler is here
-    expected = "eager" if merging.compiler_available() else "compiled"
+    big = 4 * 7_000_000_000  # a 7 B model: minutes of eager merging -> native, when its kernel builds here
+    expected = "eager" if merging.compiler_available() else "native"
     assert merging.kernel_for("auto", big, 2, 2) == expected
+    from warp_dist import native
+
+    if not merging.compiler_available():  # a kernel that does not build: auto takes torch.compile's
+        monkeypatch.setattr(native, "unavailable", lambda: "merge.kernel=native: building failed")
+        assert merging.kernel_for("auto", big, 2, 2) == "compiled"
+        monkeypatch.undo()
+    monkeypatch.setattr(native, "_FN", None)  # not loaded yet in this process
     monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on PATH: auto stays eager, the reason is one line
     assert "needs a C++ compiler" in merging.compiler_available()
+    assert native.unavailable() == "merge.kernel=native needs a C++ compiler (g++) on PATH; none was found"
     assert merging.kernel_for("auto", big, 2, 2) == "eager"
 
 

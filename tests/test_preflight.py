@@ -235,6 +235,10 @@ def test_compiled_merge_kernel_without_a_compiler(tmp_path):
     assert line == ("error: merge.kernel=compiled: torch.compile on CPU needs a C++ compiler (g++) on PATH; none was "
                     "found; use merge.kernel=eager or auto")
     assert not out.exists()
+    line = one_line(launch(f"output_dir={out}", "merge.kernel=native", env={"PATH": str(empty)}))
+    assert line == ("error: merge.kernel=native needs a C++ compiler (g++) on PATH; none was found; use "
+                    "merge.kernel=eager or auto")
+    assert not out.exists()
 
 
 def _ds(tmp_path, text: str) -> Path:

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 TRACKERS = ("tensorboard", "wandb")  # log_with choices (besides none)
 ATTENTIONS = ("auto", "sdpa", "eager")  # model.attention choices
-MERGE_KERNELS = ("auto", "eager", "compiled")  # merge.kernel choices: auto + merging.KERNELS (a test keeps them equal)
+MERGE_KERNELS = ("auto", "eager", "compiled", "native")  # merge.kernel choices: auto + merging.KERNELS (a test keeps them equal)
 
 
 @dataclass
@@ -104,8 +104,9 @@ class MergeConfig:
     lam: float = 0.5  # SLERP lambda for M = 2 (M > 2 folds the m-th policy in with 1/m)
     eta: float = 0.5  # LITI: theta_init <- (1 - eta) theta_init + eta theta_slerp
     # eager = chunked torch ops (~0.2x copy bandwidth on CPU); compiled = torch.compile'd fused sweeps (~0.5x fp32,
-    # seconds of compile per variant, needs a C++ compiler); auto = compiled only when the eager merges of the run
-    # would take long enough to repay it (merging.kernel_for)
+    # seconds of compile per variant, needs a C++ compiler); native = the same sweeps as a C++ function (a C++
+    # compiler, ~1 s to build once per machine; no per-call cost of torch.compile); auto = native, else compiled, only
+    # when the eager merges of the run would take long enough to repay it (merging.kernel_for)
     kernel: str = "auto"
 
 

@@ -106,7 +106,8 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     caller that merges tensor after tensor reuses its buffers (fresh memory costs a page fault per 4 KiB).
     `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `compiled_merge_pass` (the whole merge as one
     torch.compile graph: each sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones
-    stay eager.
+    stay eager. `kernel="native"`: the same math and output bits as "compiled" in a C++ function (`native.merge`)
+    for every size; tensors it does not take (dtypes other than fp32/bf16, mixed dtypes) stay eager.
     Outputs in init's dtype.
     """
     M = len(policies)
@@ -124,6 +125,14 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
         raise ValueError(f"merge_pass kernel={kernel!r}: allowed {', '.join(KERNELS)}")
     if kernel == "compiled" and n >= COMPILED_MIN:
         return compiled_merge_pass(x, ps, f, lam, eta, out, nxt, init)
+    if kernel == "native":
+        from . import native
+
+        if native.supports(x, ps, f):
+            out = torch.empty_like(x) if out is None else out.reshape(-1)
+            nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
+            gram = native.merge(x, ps, f, lam, eta, out, nxt)
+            return out.view_as(init), nxt.view_as(init), gram
     c = max(1, min(chunk, n))
     k = M + (1 if f is not None else 0)  # rows actually formed
     rows = torch.empty(k, c, dtype=torch.float32)
@@ -178,7 +187,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     return out.view_as(init), nxt.view_as(init), gram
 
 
-KERNELS = ("eager", "compiled")
+KERNELS = ("eager", "compiled", "native")
 COMPILED_MIN = 1 << 16  # smaller tensors merge eagerly (fixed costs of a compiled call; 64 K: 0.27 vs 0.43 ms)
 _COMPILED: dict[tuple, object] = {}
 
@@ -304,17 +313,23 @@ def compiler_available() -> str:
 
 
 AUTO_EAGER_GBPS = 3.0  # what the eager merge moves per second on a 2-core CPU (benchmarks/merge.py), counted bytes
-AUTO_MIN_EAGER_S = 30.0  # auto compiles when the run's eager merges would take at least this long
+AUTO_MIN_EAGER_S = 30.0  # auto leaves eager when the run's eager merges would take at least this long
 
 
 def kernel_for(setting: str, float_bytes: int, num_policies: int, iterations: int) -> str:
-    """merge.kernel resolved: auto = compiled when a compiler is here and the run's eager merges, (M + 3) x the
-    model's float bytes per iteration at AUTO_EAGER_GBPS, would take >= AUTO_MIN_EAGER_S (compiling the variants
-    costs ~5-25 s), else eager."""
+    """merge.kernel resolved. auto: eager unless the run's eager merges, (M + 3) x the model's float bytes per
+    iteration at AUTO_EAGER_GBPS, would take >= AUTO_MIN_EAGER_S; then native when its kernel builds here (a C++
+    compiler, ~1 s once per machine), else compiled when torch.compile can run (~5-25 s of compiling), else eager."""
     if setting != "auto":
         return setting
     eager_s = float_bytes * (num_policies + 3) * iterations / (AUTO_EAGER_GBPS * 1e9)
-    return "compiled" if eager_s >= AUTO_MIN_EAGER_S and not compiler_available() else "eager"
+    if eager_s < AUTO_MIN_EAGER_S:
+        return "eager"
+    from . import native
+
+    if not native.unavailable():
+        return "native"
+    return "compiled" if not compiler_available() else "eager"
 
 
 def merge_tensor(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float

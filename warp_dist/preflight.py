@@ -5,7 +5,8 @@
 What is checked, cheapest first: the rank topology and batch split; output_dir (a folder, writable) and, on rank 0,
 whether it may hold this run (runner.check_run_dir); the DeepSpeed JSON; the rollout backend; the reward (VADER
 installed, classifier loadable, callable importable); the evaluation judge (eval.judge); the trackers of log_with;
-merge.kernel=compiled (a C++ compiler for torch.compile); the model (local folder with config.json, embedded name, or a hub id resolvable now: from the hub cache, or by one
+merge.kernel=compiled (a C++ compiler for torch.compile) and merge.kernel=native (its kernel builds); the model
+(local folder with config.json, embedded name, or a hub id resolvable now: from the hub cache, or by one
 metadata request with no retries); the free disk against `estimate_run_bytes` (parameters counted on the meta
 device: no weights are read).
 """
@@ -153,6 +154,12 @@ def check_merge(cfg: WarpConfig) -> None:
         why = compiler_available()
         if why:
             raise PreflightError(f"merge.kernel=compiled: {why}; use merge.kernel=eager or auto")
+    if cfg.merge.kernel == "native":
+        from .native import unavailable
+
+        why = unavailable()  # builds the kernel now (about a second, once per machine), not at the first merge
+        if why:
+            raise PreflightError(f"{why}; use merge.kernel=eager or auto")
 
 
 def check_reuse(cfg: WarpConfig) -> None:

@@ -1,0 +1,138 @@
+"""merge.kernel=native: the WARP merge of one tensor as a small C++ function (merge_kernel.cpp), built once per
+machine with the C++ compiler torch.compile uses, loaded with ctypes and called on tensors' memory.
+
+The same math and output bits as the compiled kernel (merging._fused_merge) without its fixed cost per call (dynamo's
+guards, AOT wrappers, ~30 buffer allocations and ~15 OpenMP barriers: 100-150 us a tensor, most of the merge of a
+model with many small tensors). The build (about a second) lands in a cache folder under a name that carries a hash
+of the source, the compiler, its flags and this CPU's instruction-set flags (-march=native), written to a temporary
+name and renamed, so concurrent ranks and later processes share it. It links the OpenMP runtime torch already
+loaded (same soname, libgomp.so.1), so the merge runs on torch's thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("merge_kernel.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernel reads and writes; others merge eagerly
+EPS = 1e-6  # merging.EPS (merging imports this module lazily; the value is checked equal by a test)
+
+_FN = None
+
+
+def cache_dir() -> Path:
+    """WARP_DIST_CACHE, else $XDG_CACHE_HOME/warp_dist, else ~/.cache/warp_dist."""
+    if os.environ.get("WARP_DIST_CACHE"):
+        return Path(os.environ["WARP_DIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warp_dist"
+
+
+def compiler() -> str | None:
+    """The first C++ compiler on PATH from torch inductor's list (the one torch.compile uses here), else None."""
+    try:
+        from torch._inductor import config as inductor_config
+
+        names = [c for c in inductor_config.cpp.cxx if c]
+    except Exception:  # noqa: BLE001 - an inductor without this setting: the usual name
+        names = ["g++"]
+    return next((shutil.which(c) for c in names if shutil.which(c)), None)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, *FLAGS, _cpu_flags()]).encode()).hexdigest()
+    return cache_dir() / f"merge_kernel-{key[:16]}.so"
+
+
+def build(cxx: str, dest: Path) -> None:
+    """Compile SOURCE into dest through a temporary file in dest's folder (renamed when complete)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
+    os.close(fd)
+    try:
+        libdir = Path(torch.__file__).parent / "lib"  # torch's libgomp.so.1, the runtime already in this process
+        cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp, f"-L{libdir}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"merge.kernel=native: building {SOURCE.name} with {cxx} failed: {last}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load():
+    """The kernel's ctypes function, built on first use (RuntimeError with the reason when it cannot be)."""
+    global _FN
+    if _FN is None:
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("merge.kernel=native needs a C++ compiler (g++) on PATH; none was found")
+        path = library_path(cxx)
+        if not path.exists():
+            build(cxx, path)
+        lib = ctypes.CDLL(str(path))
+        fn = lib.warp_merge
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_double, ctypes.c_float, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p]
+        lib.warp_merge_max_policies.restype = ctypes.c_int
+        fn.max_policies = lib.warp_merge_max_policies()
+        _FN = fn
+    return _FN
+
+
+def unavailable() -> str:
+    """'' when merge.kernel=native can run here (builds the kernel if it is not cached yet), else why not."""
+    try:
+        load()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return ""
+
+
+def supports(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None) -> bool:
+    """Whether the kernel takes these flat tensors: on the CPU, contiguous, of one length and one dtype it knows (fp32
+    or bf16), at most its number of policies."""
+    ts = [x, *ps] + ([f] if f is not None else [])
+    return (x.dtype in DTYPES and len(ps) <= load().max_policies
+            and all(t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous() and t.numel() == x.numel()
+                    for t in ts))
+
+
+def merge(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor | None, lam: float, eta: float,
+          out: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """Writes theta_slerp into out and the next theta_init into nxt (flat, x's dtype, contiguous; `supports` must
+    hold); returns the [M + 1, M + 1] fp64 Gram matrix of [p_i - x ..., x - f] (last row and column 0 without f)."""
+    fn = load()
+    M = len(ps)
+    gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
+    rc = fn(DTYPES[x.dtype], x.numel(), M, x.data_ptr(), (ctypes.c_void_p * M)(*[p.data_ptr() for p in ps]),
+            f.data_ptr() if f is not None else None, float(lam), float(eta), EPS, out.data_ptr(), nxt.data_ptr(),
+            gram.data_ptr())
+    if rc != 0:
+        raise ValueError(f"merge.kernel=native: {M} policies, the kernel takes 1..{fn.max_policies}")
+    return gram
