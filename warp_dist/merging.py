@@ -299,16 +299,10 @@ def _scalar(v: float, dtype: torch.dtype) -> torch.Tensor:
 
 def compiler_available() -> str:
     """'' when `kernel="compiled"` can run here (the merge runs on CPU: inductor needs a C++ compiler), else why not."""
-    import shutil
+    from . import native
 
-    try:
-        from torch._inductor import config as inductor_config
-
-        cxx = [c for c in inductor_config.cpp.cxx if c]
-    except Exception:  # noqa: BLE001 - an inductor without this setting: the usual name
-        cxx = ["g++"]
-    if not any(shutil.which(c) for c in cxx):
-        return f"torch.compile on CPU needs a C++ compiler ({' or '.join(cxx)}) on PATH; none was found"
+    if native.compiler() is None:
+        return f"torch.compile on CPU needs a C++ compiler ({' or '.join(native.compiler_names())}) on PATH; none was found"
     return ""
 
 

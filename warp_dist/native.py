@@ -36,15 +36,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warp_dist"
 
 
-def compiler() -> str | None:
-    """The first C++ compiler on PATH from torch inductor's list (the one torch.compile uses here), else None."""
+def compiler_names() -> list[str]:
+    """The C++ compiler names torch inductor tries (the one torch.compile uses here), in its order."""
     try:
         from torch._inductor import config as inductor_config
 
-        names = [c for c in inductor_config.cpp.cxx if c]
+        return [c for c in inductor_config.cpp.cxx if c]
     except Exception:  # noqa: BLE001 - an inductor without this setting: the usual name
-        names = ["g++"]
-    return next((shutil.which(c) for c in names if shutil.which(c)), None)
+        return ["g++"]
+
+
+def compiler() -> str | None:
+    """The first of `compiler_names` on PATH, else None."""
+    return next((path for path in map(shutil.which, compiler_names()) if path), None)
 
 
 def _cpu_flags() -> str:
@@ -89,7 +93,8 @@ def load():
     if _FN is None:
         cxx = compiler()
         if cxx is None:
-            raise RuntimeError("merge.kernel=native needs a C++ compiler (g++) on PATH; none was found")
+            raise RuntimeError(f"merge.kernel=native needs a C++ compiler ({' or '.join(compiler_names())}) on PATH; "
+                               "none was found")
         path = library_path(cxx)
         if not path.exists():
             build(cxx, path)
