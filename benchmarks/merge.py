@@ -26,6 +26,8 @@ nor colinear and SLERP takes its real path) and a synthetic one of N random fp32
   file-backed pages of library code faulted in meanwhile are not the merger's memory and had added up to ~50 MB). The call returns both outputs
   (2 x model bytes), so its extra working memory = peak growth - outputs; the theoretical working set is
   (largest tensor) x (M + 2) (M policy tensors + 2 outputs of one name). Both are reported next to the model size.
+  Measured twice, with merge.kernel eager (fp64 chunks; MKL may keep its matrix-product workspace) and native (no
+  temporaries: what merge.kernel=auto takes where merging takes long).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ PRESETS = {
 COLUMNS = ["state dict", "model MB", "tensors", "largest MB", "M", "copy GB/s", "eager GB/s", "eager / copy",
            "compiled GB/s", "compiled / copy", "compile s (first call)", "call us", "native GB/s", "native / copy",
            "native call us", "merge_state_dicts / clone",
-           "stream_merge s", "stream extra MB (measured)", "(M+2) x largest MB", "extra / model"]
+           "stream_merge s", "stream extra MB (measured)", "stream extra MB, native kernel", "(M+2) x largest MB",
+           "extra / model"]
 WARMUP_BYTES = 64 * 2**20  # the warm-up merges a slice of the tensors up to this size
 NOISE = 1e-3
 
@@ -161,9 +164,10 @@ def build(source: str, dtype: str, M: int, args):
     return init, [with_noise(init, args.seed + 1 + m) for m in range(M)]
 
 
-def measure_stream(init, pols: list, args) -> dict:
-    """`dist.stream_merge` as rank 0 runs it (one process): wall time and peak anonymous-RSS growth over the call,
-    after a warm-up on a slice; the streamed result is checked against the in-memory merge on that slice."""
+def measure_stream(init, pols: list, args, kernel: str) -> dict:
+    """`dist.stream_merge` as rank 0 runs it (one process, merge.kernel `kernel`): wall time and peak anonymous-RSS
+    growth over the call, after a warm-up on a slice; the streamed result is checked against the in-memory merge on
+    that slice."""
     import torch
 
     from warp_dist import dist as distmod
@@ -181,7 +185,7 @@ def measure_stream(init, pols: list, args) -> dict:
         """What rank 0 runs: theta_slerp of every tensor comes back through on_slerp (kept here)."""
         got = {}
         distmod.stream_merge(d, keys, {k: tuple(init[k].shape) for k in keys}, lambda n: init[n].reshape(-1),
-                             sources, lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta),
+                             sources, lambda name, ini, ps: merging.merge_pass(ini, ps, args.lam, args.eta, kernel=kernel),
                              lambda n, full: got.__setitem__(n, full))
         return got
 
@@ -196,11 +200,12 @@ def measure_stream(init, pols: list, args) -> dict:
     return {"stream_s": t_stream, "growth_bytes": mem.growth, "max_abs_diff": worst}
 
 
-def stream_in_child(argv, source: str, dtype: str, M: int) -> dict:
+def stream_in_child(argv, source: str, dtype: str, M: int, kernel: str) -> dict:
     """`measure_stream` in a fresh process that builds the same state dicts: RSS growth there is the merger's own,
     not the reuse of heap pages this process's earlier timings freed (that had made the same row read 38 or 348 MB
     from one run to the next)."""
-    return common.rerun_as_child(__file__, argv, f"{source},{dtype},{M}", f"merge.py stream child {source} {dtype} M={M}")
+    return common.rerun_as_child(__file__, argv, f"{source},{dtype},{M},{kernel}",
+                                 f"merge.py stream child {source} {dtype} M={M} {kernel}")
 
 
 def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: list[int], args, argv) -> list[dict]:
@@ -213,12 +218,17 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
     largest_numel = max(init[k].numel() for k in names)  # float tensors of one dtype
     largest = largest_numel * init[names[0]].element_size()
     warm = warm_names(init, names)
+    from warp_dist import native
+
+    native_ok = not native.unavailable()
     rows = []
     for M in ms:
         pols = policies_all[:M]
-        # the streaming merger's memory, in a fresh process (see stream_in_child)
-        st = stream_in_child(argv, source, dtype, M)
+        # the streaming merger's memory, in a fresh process (see stream_in_child), with the eager kernel and with
+        # the native one (what merge.kernel=auto takes for large models)
+        st = stream_in_child(argv, source, dtype, M, "eager")
         t_stream, worst, growth = st["stream_s"], st["max_abs_diff"], st["growth_bytes"]
+        stn = stream_in_child(argv, source, dtype, M, "native") if native_ok else None
 
         def clone_all(keys=names, pols=pols):
             for st in (init, *pols):
@@ -261,10 +271,8 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
             call_s = call_cost("compiled", init[names[0]].dtype, M)
         else:
             call_s = None
-        from warp_dist import native
-
         native_call_s = None
-        if not native.unavailable():
+        if native_ok:
             timed["native"] = lambda: merge_into("native")
             native_call_s = call_cost("native", init[names[0]].dtype, M)
         # copy and the merges in rounds (copy, eager, compiled, copy, ...): each ratio is the median over rounds of
@@ -312,6 +320,9 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
             "stream_extra_bytes_measured": extra, "stream_extra_bytes_theoretical": theory,
             "stream_extra_over_model": extra / B, "theoretical_over_model": theory / B,
             "stream_vs_in_memory_max_abs_diff": worst,
+            "stream_native_merge_s": stn["stream_s"] if stn else None,
+            "stream_native_extra_bytes_measured": stn["growth_bytes"] - outputs if stn else None,
+            "stream_native_vs_in_memory_max_abs_diff": stn["max_abs_diff"] if stn else None,
         })
     return rows
 
@@ -332,6 +343,8 @@ def table(res: dict) -> list[list[str]]:
                      opt(r["native_call_overhead_s"] * 1e6 if r["native_call_overhead_s"] is not None else None),
                      common.fmt_ratio(r["merge_over_clone_bandwidth"]),
                      common.fmt(r["stream_merge_s"]), common.fmt(r["stream_extra_bytes_measured"] / common.MB),
+                     opt(r["stream_native_extra_bytes_measured"] / common.MB
+                         if r["stream_native_extra_bytes_measured"] is not None else None),
                      common.fmt(r["stream_extra_bytes_theoretical"] / common.MB),
                      common.fmt_ratio(r["stream_extra_over_model"])])
     return rows
@@ -348,13 +361,13 @@ def main(argv=None) -> dict:
 
     if args.child:  # one streaming-merger measurement, in the fresh process the parent started
         spec, out = args.child.split("=", 1)
-        source, dt, M = spec.split(",")
+        source, dt, M, kernel = spec.split(",")
         # the state dicts in mmapped blocks: building them leaves no freed holes in the heap for the merge's
         # allocations to land in (glibc serves a request from a free heap chunk before it considers mmap, and pages
         # malloc_trim released come back as growth: the same row read 23 or 112 MB)
         distmod.tune_allocator(mmap_threshold=1 << 20)
         init, pols = build(source, dt, int(M), args)
-        res = measure_stream(init, pols, args)
+        res = measure_stream(init, pols, args, kernel)
         common.write_json_atomic(out, res)
         return res
 
@@ -383,7 +396,8 @@ def main(argv=None) -> dict:
                  "torch ops) or compiled (torch.compile'd fused sweeps; compile s = the first call on the largest "
                  "tensor, inductor's on-disk cache may hold it from an earlier run); merge_state_dicts / clone = the "
                  "in-memory merge with new output tensors against clone (both pay fresh pages). stream extra = peak "
-                 "anonymous-RSS growth during dist.stream_merge (in a fresh process per row) minus its full outputs; "
+                 "anonymous-RSS growth during dist.stream_merge (in a fresh process per row) minus its full outputs, "
+                 "with merge.kernel eager (measured) and native; "
                  "theoretical = largest tensor x (M+2); call us = the compiled merge's fixed cost per call (intercept "
                  "of its times on 64 K and 1 M elements; native call us the same for the C++ kernel). "
                  "copy, eager, compiled and native are timed in rounds (one of each per round); eager / copy, "

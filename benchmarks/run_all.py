@@ -31,7 +31,7 @@ NAME = "run_all"
 ORDER = ("rollout", "train_step", "merge", "scaling", "e2e", "completions", "memory")
 DEFAULT = ORDER[:-1]  # memory.py runs ~40 min of real runs: `--only memory` (or run it directly) adds its section
 # rough seconds per benchmark on 2 quiet cores (cpu preset); the machine these were sized on was shared
-ESTIMATE_S = {"cpu": {"rollout": 60, "train_step": 110, "merge": 180, "scaling": 60, "e2e": 900, "completions": 600,
+ESTIMATE_S = {"cpu": {"rollout": 60, "train_step": 110, "merge": 420, "scaling": 60, "e2e": 900, "completions": 600,
                       "memory": 2400},
               "tiny": {"rollout": 30, "train_step": 25, "merge": 10, "scaling": 25, "e2e": 20, "completions": 40,
                        "memory": 120}}

@@ -93,8 +93,11 @@ def test_merge(results, tiny_model_path):
         from warp_dist import native
 
         if not native.unavailable():  # the C++ kernel, where it builds
-            keys += ["native_gbps", "native_over_copy_bandwidth"]
+            keys += ["native_gbps", "native_over_copy_bandwidth", "stream_native_merge_s"]
             assert 0 <= r["native_call_overhead_s"] < 0.1 and len(r["native_times_s"]) == 3, r["native_times_s"]
+            # the streaming merger with the native kernel: its result is the in-memory merge's, within a rounding
+            assert r["stream_native_vs_in_memory_max_abs_diff"] <= (1e-6 if r["dtype"] == "float32" else 1e-2)
+            assert r["stream_native_extra_bytes_measured"] is not None
         for k in keys:
             assert positive(r[k]), (r["state_dict"], r["M"], k, r[k])
         assert r["merge_bytes"] == (r["M"] + 3) * r["model_bytes"]

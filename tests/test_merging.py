@@ -498,9 +498,11 @@ def _native():
                                                (torch.float32, 4, True), (torch.bfloat16, 2, False),
                                                (torch.bfloat16, 3, True)])
 def test_native_merge_is_the_compiled_one_bit_for_bit(dtype, M, with_sft):
-    """merge.kernel=native runs the compiled graph's math in C++: the same output bits, a Gram matrix within the
-    compiled one's bound, at every size (the compiled graph itself from 577 elements, where merge_pass would stay eager;
-    below two Gram blocks the graph does not compile, and the eager merge is the reference)."""
+    """merge.kernel=native runs the compiled graph's math in C++: the same output bits (their Gram sums add the same
+    products in another order, so the bits agree where both round the SLERP coefficients alike, as at these sizes and
+    seeds), a Gram matrix within the compiled one's bound, at every size (the compiled graph itself from 577 elements,
+    where merge_pass would stay eager; below two Gram blocks the graph does not compile, and the eager merge is the
+    reference)."""
     native = _native()
     for n in (2, 3, 255, 256, 577, merging.COMPILED_MIN + 4321):
         init = _rand(n, seed=150 + n).to(dtype)
@@ -540,6 +542,47 @@ def test_native_merge_falls_back_to_eager_and_flags_non_finite_inputs():
     policies[1][17] = float("nan")  # a NaN in a policy: its Gram diagonal is NaN, the other policy's stays finite
     _, _, g = merging.merge_pass(init, policies, 0.5, 0.5, kernel="native")
     assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
+
+
+@pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 6, True), (torch.bfloat16, 8, True),
+                                               (torch.bfloat16, 5, False)])
+def test_native_merge_of_large_outputs_is_the_same_aligned_or_not(dtype, M, with_sft):
+    """Outputs of >= 4 MB leave through non-temporal stores when both are 64-byte aligned (on CPUs with AVX-512),
+    through plain stores otherwise: the same bits either way, the eager merge's values within a rounding; up to the
+    kernel's 8 policies, a ragged tail after the last whole vector."""
+    native = _native()
+    n = (4 << 20) // torch.tensor([], dtype=dtype).element_size() + 77
+    init = _rand(n, seed=190).to(dtype)
+    policies = [(init.float() + 0.01 * _rand(n, seed=191 + m)).to(dtype) for m in range(M)]
+    sft = _rand(n, seed=199).to(dtype) if with_sft else None
+    bufs = [torch.full((n + 16,), float("nan"), dtype=dtype) for _ in range(4)]
+    assert all(b.data_ptr() % 64 == 0 for b in bufs)  # torch's CPU allocations are 64-byte aligned
+    aligned = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="native", out=bufs[0][:n], nxt=bufs[1][:n])
+    shifted = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="native", out=bufs[2][1:n + 1],
+                                 nxt=bufs[3][1:n + 1])
+    assert all(torch.equal(a, b) for a, b in zip(aligned, shifted, strict=True))
+    assert bufs[0][n:].isnan().all() and bufs[2][0].isnan() and bufs[2][n + 1:].isnan().all()  # nothing outside
+    eager = merging.merge_pass(init, policies, 0.4, 0.3, sft=sft)
+    tol = 1e-6 if dtype == torch.float32 else 0.016
+    for a, b in zip(aligned[:2], eager[:2], strict=True):
+        assert (a.float() - b.float()).abs().max().item() <= tol
+    assert torch.allclose(aligned[2], eager[2], rtol=1e-5, atol=1e-6 * float(eager[2].abs().max()))
+    assert native.max_policies() == 8
+
+
+def test_native_merge_of_more_policies_than_the_kernel_takes():
+    """Nine policies: the compiled graph from COMPILED_MIN elements (its exact result), the eager sweep below."""
+    native = _native()
+    if merging.compiler_available():
+        pytest.skip(merging.compiler_available())
+    M = native.max_policies() + 1
+    for n in (merging.COMPILED_MIN, 1000):
+        init = _rand(n, seed=200)
+        policies = [init + 0.01 * _rand(n, seed=201 + m) for m in range(M)]
+        got = merging.merge_pass(init, policies, 0.4, 0.3, kernel="native")
+        ref = (merging.compiled_merge_pass(init, policies, None, 0.4, 0.3, None, None, init) if n >= merging.COMPILED_MIN
+               else merging.merge_pass(init, policies, 0.4, 0.3))
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)), n
 
 
 def test_native_kernel_builds_once_into_its_cache_atomically(tmp_path, monkeypatch):

@@ -1,16 +1,27 @@
 // The WARP merge of one flat tensor, for merge.kernel=native (built and loaded by warp_dist/native.py).
 //
-// Same math as merging._fused_merge (the torch.compile graph) and the same output bits: rows d_i = p_i - x
-// (i < M) and x - f (the SFT row, when given) in fp32; the Gram matrix of the rows from fp32 products summed in
-// fp32 over blocks of BLOCK elements, the block sums in fp64; SLERP coefficients from the Gram matrix (the fold of
-// merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32 (torch.lerp's
-// two-sided formula), stored in x's dtype (bf16: round to nearest even, NaN stays NaN).
+// The math of merging._fused_merge (the torch.compile graph): rows d_i = p_i - x (i < M) and x - f (the SFT row,
+// when given) in fp32; the Gram matrix of the rows from fp32 products summed in fp32 over blocks of BLOCK elements
+// (one accumulator per pair and vector lane), each block's sums added in fp64; SLERP coefficients from the Gram
+// matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
+// (torch.lerp's two-sided formula, no fused multiply-add), stored in x's dtype (bf16: round to nearest even, NaN
+// stays NaN). The outputs are the compiled graph's bits whenever both round the coefficients to the same fp32 values
+// (their Gram sums add the same products in a different order).
 //
 // One OpenMP parallel region per call: each thread sweeps its own range of whole blocks twice (Gram partials, then
 // the outputs), with one barrier between the sweeps where every thread sums the partials in the same order and
 // computes the same coefficients. No allocation per element, no Python per call: what made torch.compile's call
 // cost ~100-150 us per tensor, most of a small tensor's merge.
+//
+// Elements go STEP = 32 at a time, as two vectors of 16 floats (GCC/Clang vector extensions: one AVX-512 register
+// each, or two AVX2 ones): fp32, elements i..i+15 and i+16..i+31; bf16, one 64-byte load whose 32-bit lanes hold two
+// elements each, split by a shift and a mask into the even and the odd elements (no shuffles), and stored back by
+// the same pairing. Outputs of tensors of at least STREAM_MIN_BYTES are written with non-temporal stores where the
+// CPU has AVX-512 and the outputs are 64-byte aligned (no read of each output line before it is written).
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -20,26 +31,92 @@
 
 namespace {
 constexpr int BLOCK = 256;
-constexpr int MAXK = 17;  // rows: up to 16 policies and the SFT row
+constexpr int MAXK = 9;  // rows: up to 8 policies and the SFT row
+constexpr int V = 16, STEP = 2 * V;
+constexpr int64_t STREAM_MIN_BYTES = int64_t(4) << 20;
+#if defined(__AVX512F__)
+constexpr bool CAN_STREAM = true;
+#else
+constexpr bool CAN_STREAM = false;
+#endif
 
-template <int BF>
-inline float load(const void* p, int64_t i) {
-  if (!BF) return static_cast<const float*>(p)[i];
-  uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(64)));
+
+struct Two {  // the 32 elements of one step
+  vf a, b;
+};
+
+template <typename To, typename From>
+inline To bits(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
 }
 
 template <int BF>
-inline void store(void* p, int64_t i, float v) {
+inline Two load(const void* p, int64_t i) {
+  Two t;
   if (!BF) {
-    static_cast<float*>(p)[i] = v;
+    std::memcpy(&t.a, static_cast<const float*>(p) + i, sizeof(vf));
+    std::memcpy(&t.b, static_cast<const float*>(p) + i + V, sizeof(vf));
+  } else {  // little-endian: element i + 2l in the low half of lane l, i + 2l + 1 in its high half
+    vu u;
+    std::memcpy(&u, static_cast<const uint16_t*>(p) + i, sizeof u);
+    t.a = bits<vf>(vu(u << 16));
+    t.b = bits<vf>(vu(u & 0xFFFF0000u));
+  }
+  return t;
+}
+
+// v rounded to bf16 (nearest even; NaN -> 0x7FC0) in the high half of each lane
+inline vu round_bf16(vf v) {
+  const vu u = bits<vu>(v), r = u + 0x7FFFu + ((u >> 16) & 1u);
+  return v != v ? vu{} + 0x7FC00000u : r;
+}
+
+template <int BF, int NT>
+inline void store(void* p, int64_t i, const Two& t) {
+  if (!BF) {
+    float* q = static_cast<float*>(p) + i;
+#if defined(__AVX512F__)
+    if (NT) {
+      _mm512_stream_ps(q, t.a);
+      _mm512_stream_ps(q + V, t.b);
+      return;
+    }
+#endif
+    std::memcpy(q, &t.a, sizeof(vf));
+    std::memcpy(q + V, &t.b, sizeof(vf));
     return;
   }
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  static_cast<uint16_t*>(p)[i] = std::isnan(v) ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const vu w = (round_bf16(t.a) >> 16) | (round_bf16(t.b) & 0xFFFF0000u);
+  uint16_t* q = static_cast<uint16_t*>(p) + i;
+#if defined(__AVX512F__)
+  if (NT) return _mm512_stream_si512(reinterpret_cast<__m512i*>(q), bits<__m512i>(w));
+#endif
+  std::memcpy(q, &w, sizeof w);
+}
+
+// acc + a * b: one rounding where the CPU has AVX-512 (the Gram sums only; the outputs keep separate multiplies and
+// adds, as the compiled graph)
+inline vf fma(vf a, vf b, vf acc) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+// the 16 lanes of v summed pairwise into 8 fp64 lanes
+inline vd widen_sum(vf v) {
+  vf8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  return __builtin_convertvector(lo, vd) + __builtin_convertvector(hi, vd);
 }
 
 // merging.slerp_coefficients on the m x m top-left of g (row stride ld)
@@ -67,114 +144,167 @@ void coefficients(const double* g, int m, int ld, double lam, double eps, double
   }
 }
 
-// R = M when M <= MAXR (every policy's stream read in the same inner loop: the loads of all M + 1 or M + 2 streams in
-// flight together, which a loop per policy over a block did not keep: 16 % slower at M = 4 on tensors from DRAM);
-// R = 0 for a larger M (a loop per policy)
-constexpr int MAXR = 8;
+// The input streams of a short tail, as zero-padded copies
+struct Streams {
+  const void* x;
+  const void* ps[MAXK];
+  const void* f;
+};
 
+// The tail of [full, b) (fewer than STEP elements) copied into zero-padded buffers
 template <int BF, int R>
-void merge(int64_t n, int M, const void* x, const void* const* ps, const void* f, double lam, float eta, double eps,
+Streams padded(const void* x, const void* const* ps, const void* f, int64_t full, int64_t b,
+               unsigned char (*buf)[STEP * 4]) {
+  const size_t es = BF ? 2 : 4, len = static_cast<size_t>(b - full) * es, off = static_cast<size_t>(full) * es;
+  std::memset(buf, 0, sizeof(unsigned char[STEP * 4]) * (R + 2));
+  Streams s{buf[0], {}, f ? buf[R + 1] : nullptr};
+  std::memcpy(buf[0], static_cast<const char*>(x) + off, len);
+  for (int q = 0; q < R; ++q) {
+    std::memcpy(buf[q + 1], static_cast<const char*>(ps[q]) + off, len);
+    s.ps[q] = buf[q + 1];
+  }
+  if (f) std::memcpy(buf[R + 1], static_cast<const char*>(f) + off, len);
+  return s;
+}
+
+// The K rows of one step, and every pair's products added to its accumulator
+template <int BF, int R, int F>
+inline void gram_step(const void* x, const void* const* ps, const void* f, int64_t i, vf* acc) {
+  constexpr int K = R + F;
+  vf ra[K], rb[K];
+  const Two base = load<BF>(x, i);
+  for (int q = 0; q < R; ++q) {
+    const Two p = load<BF>(ps[q], i);
+    ra[q] = p.a - base.a;
+    rb[q] = p.b - base.b;
+  }
+  if (F) {
+    const Two s = load<BF>(f, i);
+    ra[R] = base.a - s.a;
+    rb[R] = base.b - s.b;
+  }
+  for (int u = 0, q = 0; u < K; ++u)
+    for (int v = u; v < K; ++v, ++q) acc[q] = fma(rb[u], rb[v], fma(ra[u], ra[v], acc[q]));
+}
+
+// The Gram partials of elements [a, b) (a a multiple of BLOCK) into sums (upper triangle, row after row)
+template <int BF, int R, int F>
+void gram_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, const void* f, double* sums) {
+  constexpr int K = R + F, P = K * (K + 1) / 2;
+  vd total[P];
+  for (int q = 0; q < P; ++q) total[q] = vd{};
+  for (int64_t s = a; s < b; s += BLOCK) {
+    const int64_t e = std::min<int64_t>(b, s + BLOCK), full = s + (e - s) / STEP * STEP;
+    vf acc[P];
+    for (int q = 0; q < P; ++q) acc[q] = vf{};
+    for (int64_t i = s; i < full; i += STEP) gram_step<BF, R, F>(x, ps, f, i, acc);
+    if (full < e) {  // zero rows add nothing
+      alignas(64) unsigned char buf[R + 2][STEP * 4];
+      const Streams t = padded<BF, R>(x, ps, f, full, e, buf);
+      gram_step<BF, R, F>(t.x, t.ps, t.f, 0, acc);
+    }
+    for (int q = 0; q < P; ++q) total[q] += widen_sum(acc[q]);
+  }
+  for (int q = 0; q < P; ++q) {
+    double t = 0;
+    for (int l = 0; l < V / 2; ++l) t += total[q][l];
+    sums[q] = t;
+  }
+}
+
+// theta_slerp and the next theta_init of 16 elements
+template <int R, int LOW>
+inline void out_half(vf base, const vf* p, const float* cf, float eta, vf& o, vf& nx) {
+  vf acc = cf[0] * (p[0] - base);
+  for (int q = 1; q < R; ++q) acc += cf[q] * (p[q] - base);
+  o = base + acc;
+  const vf diff = o - base;
+  nx = LOW ? base + eta * diff : o - diff * (1.0f - eta);
+}
+
+template <int BF, int R, int LOW, int NT>
+inline void out_step(const void* x, const void* const* ps, const float* cf, float eta, int64_t i, int64_t j,
+                     void* out, void* nxt) {
+  const Two base = load<BF>(x, i);
+  vf pa[R], pb[R];
+  for (int q = 0; q < R; ++q) {
+    const Two p = load<BF>(ps[q], i);
+    pa[q] = p.a;
+    pb[q] = p.b;
+  }
+  Two o, nx;
+  out_half<R, LOW>(base.a, pa, cf, eta, o.a, nx.a);
+  out_half<R, LOW>(base.b, pb, cf, eta, o.b, nx.b);
+  store<BF, NT>(out, j, o);
+  store<BF, NT>(nxt, j, nx);
+}
+
+// theta_slerp and the next theta_init for elements [a, b)
+template <int BF, int R, int LOW, int NT>
+void out_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, const float* cf, float eta, void* out,
+               void* nxt) {
+  const int64_t full = a + (b - a) / STEP * STEP;
+  for (int64_t i = a; i < full; i += STEP) out_step<BF, R, LOW, NT>(x, ps, cf, eta, i, i, out, nxt);
+#if defined(__AVX512F__)
+  if (NT) _mm_sfence();
+#endif
+  if (full < b) {
+    alignas(64) unsigned char buf[R + 2][STEP * 4], res[2][STEP * 4];
+    const Streams t = padded<BF, R>(x, ps, nullptr, full, b, buf);
+    out_step<BF, R, LOW, 0>(t.x, t.ps, cf, eta, 0, 0, res[0], res[1]);
+    const size_t es = BF ? 2 : 4, len = static_cast<size_t>(b - full) * es, off = static_cast<size_t>(full) * es;
+    std::memcpy(static_cast<char*>(out) + off, res[0], len);
+    std::memcpy(static_cast<char*>(nxt) + off, res[1], len);
+  }
+}
+
+template <int BF, int R, int F>
+void merge(int64_t n, const void* x, const void* const* ps, const void* f, double lam, float eta, double eps,
            void* out, void* nxt, double* gram) {
-  const int k = M + (f ? 1 : 0);
-  const int npairs = k * (k + 1) / 2;
+  constexpr int K = R + F, P = K * (K + 1) / 2;
   const int nt = std::max(1, omp_get_max_threads());
-  std::vector<double> partial(static_cast<size_t>(nt) * npairs, 0.0);
+  std::vector<double> partial(static_cast<size_t>(nt) * P, 0.0);
+  const bool stream = CAN_STREAM && n * (BF ? 2 : 4) >= STREAM_MIN_BYTES &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && reinterpret_cast<uintptr_t>(nxt) % 64 == 0;
+  const bool low = std::fabs(eta) < 0.5f;
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t blocks = (n + BLOCK - 1) / BLOCK, per = (blocks + T - 1) / T;
     const int64_t a = std::min<int64_t>(n, tid * per * BLOCK), b = std::min<int64_t>(n, (tid + 1) * per * BLOCK);
-    double sums[MAXK * (MAXK + 1) / 2] = {0};
-    float rows[MAXK][BLOCK];
-    for (int64_t s = a; s < b; s += BLOCK) {  // sweep 1: Gram partials of this thread's blocks
-      const int w = static_cast<int>(std::min<int64_t>(BLOCK, b - s));
-      if (R > 0) {
-#pragma omp simd
-        for (int e = 0; e < w; ++e) {
-          const float base = load<BF>(x, s + e);
-          for (int r = 0; r < R; ++r) rows[r][e] = load<BF>(ps[r], s + e) - base;
-          if (f) rows[R][e] = base - load<BF>(f, s + e);
-        }
-      } else {
-        for (int r = 0; r < M; ++r) {
-          const void* p = ps[r];
-#pragma omp simd
-          for (int e = 0; e < w; ++e) rows[r][e] = load<BF>(p, s + e) - load<BF>(x, s + e);
-        }
-        if (f) {
-#pragma omp simd
-          for (int e = 0; e < w; ++e) rows[M][e] = load<BF>(x, s + e) - load<BF>(f, s + e);
-        }
-      }
-      for (int i = 0, q = 0; i < k; ++i)
-        for (int j = i; j < k; ++j, ++q) {
-          float acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int e = 0; e < w; ++e) acc += rows[i][e] * rows[j][e];
-          sums[q] += acc;
-        }
-    }
-    for (int q = 0; q < npairs; ++q) partial[static_cast<size_t>(tid) * npairs + q] = sums[q];
+    gram_sweep<BF, R, F>(a, b, x, ps, f, partial.data() + static_cast<size_t>(tid) * P);
 #pragma omp barrier
     double g[MAXK * MAXK], c[MAXK];
-    for (int i = 0, q = 0; i < k; ++i)
-      for (int j = i; j < k; ++j, ++q) {
+    for (int i = 0, q = 0; i < K; ++i)
+      for (int j = i; j < K; ++j, ++q) {
         double total = 0;
-        for (int t = 0; t < T; ++t) total += partial[static_cast<size_t>(t) * npairs + q];
-        g[i * k + j] = g[j * k + i] = total;
+        for (int t = 0; t < T; ++t) total += partial[static_cast<size_t>(t) * P + q];
+        g[i * K + j] = g[j * K + i] = total;
       }
-    coefficients(g, M, k, lam, eps, c);
+    coefficients(g, R, K, lam, eps, c);
     if (tid == 0)
-      for (int i = 0; i < k; ++i)
-        for (int j = 0; j < k; ++j) gram[i * (M + 1) + j] = g[i * k + j];
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) gram[i * (R + 1) + j] = g[i * K + j];
     float cf[MAXK];
-    for (int i = 0; i < M; ++i) cf[i] = static_cast<float>(c[i]);
-    const bool low = std::fabs(eta) < 0.5f;
-    for (int64_t s = a; s < b; s += BLOCK) {  // sweep 2: theta_slerp and the next theta_init
-      const int w = static_cast<int>(std::min<int64_t>(BLOCK, b - s));
-      float d[BLOCK];
-      if (R > 0) {
-#pragma omp simd
-        for (int e = 0; e < w; ++e) {
-          const float base = load<BF>(x, s + e);
-          float acc = cf[0] * (load<BF>(ps[0], s + e) - base);
-          for (int r = 1; r < R; ++r) acc += cf[r] * (load<BF>(ps[r], s + e) - base);
-          d[e] = acc;
-        }
-      } else {
-#pragma omp simd
-        for (int e = 0; e < w; ++e) d[e] = cf[0] * (load<BF>(ps[0], s + e) - load<BF>(x, s + e));
-        for (int r = 1; r < M; ++r) {
-          const void* p = ps[r];
-          const float cr = cf[r];
-#pragma omp simd
-          for (int e = 0; e < w; ++e) d[e] += cr * (load<BF>(p, s + e) - load<BF>(x, s + e));
-        }
-      }
-#pragma omp simd
-      for (int e = 0; e < w; ++e) {
-        const float base = load<BF>(x, s + e), o = base + d[e], diff = o - base;
-        store<BF>(out, s + e, o);
-        store<BF>(nxt, s + e, low ? base + eta * diff : o - diff * (1.0f - eta));
-      }
-    }
+    for (int i = 0; i < R; ++i) cf[i] = static_cast<float>(c[i]);
+    if (stream && low)
+      out_sweep<BF, R, 1, 1>(a, b, x, ps, cf, eta, out, nxt);
+    else if (stream)
+      out_sweep<BF, R, 0, 1>(a, b, x, ps, cf, eta, out, nxt);
+    else if (low)
+      out_sweep<BF, R, 1, 0>(a, b, x, ps, cf, eta, out, nxt);
+    else
+      out_sweep<BF, R, 0, 0>(a, b, x, ps, cf, eta, out, nxt);
   }
 }
 
-template <int BF>
+// merge<BF, M, sft given> for the runtime M (1..MAXK - 1)
+template <int BF, int R = 1>
 void dispatch(int64_t n, int M, const void* x, const void* const* ps, const void* f, double lam, float eta,
               double eps, void* out, void* nxt, double* gram) {
-  switch (M) {
-    case 1: return merge<BF, 1>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 2: return merge<BF, 2>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 3: return merge<BF, 3>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 4: return merge<BF, 4>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 5: return merge<BF, 5>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 6: return merge<BF, 6>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 7: return merge<BF, 7>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    case 8: return merge<BF, 8>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-    default: return merge<BF, 0>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
-  }
+  if (M == R) return f ? merge<BF, R, 1>(n, x, ps, f, lam, eta, eps, out, nxt, gram)
+                       : merge<BF, R, 0>(n, x, ps, f, lam, eta, eps, out, nxt, gram);
+  if constexpr (R + 1 < MAXK) dispatch<BF, R + 1>(n, M, x, ps, f, lam, eta, eps, out, nxt, gram);
 }
 }  // namespace
 

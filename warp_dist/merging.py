@@ -106,8 +106,10 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     caller that merges tensor after tensor reuses its buffers (fresh memory costs a page fault per 4 KiB).
     `kernel="compiled"`: tensors of at least COMPILED_MIN elements go through `compiled_merge_pass` (the whole merge as one
     torch.compile graph: each sweep one fused loop, no temporaries; fp32 products summed in fp64), smaller ones
-    stay eager. `kernel="native"`: the same math and output bits as "compiled" in a C++ function (`native.merge`)
-    for every size; tensors it does not take (dtypes other than fp32/bf16, mixed dtypes) stay eager.
+    stay eager. `kernel="native"`: the same math as "compiled" in a C++ function (`native.merge`) for every size
+    (the same output bits whenever both round the SLERP coefficients alike: their Gram sums add the products in
+    another order); more than `native.max_policies()` policies go through the compiled graph (from COMPILED_MIN
+    elements), other tensors it does not take (dtypes other than fp32/bf16, mixed dtypes) stay eager.
     Outputs in init's dtype.
     """
     M = len(policies)
@@ -133,6 +135,8 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
             nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
             gram = native.merge(x, ps, f, lam, eta, out, nxt)
             return out.view_as(init), nxt.view_as(init), gram
+        if M > native.max_policies() and n >= COMPILED_MIN:  # more policies than the kernel takes: the graph
+            return compiled_merge_pass(x, ps, f, lam, eta, out, nxt, init)
     c = max(1, min(chunk, n))
     k = M + (1 if f is not None else 0)  # rows actually formed
     rows = torch.empty(k, c, dtype=torch.float32)
