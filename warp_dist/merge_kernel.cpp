@@ -1,8 +1,9 @@
 // The WARP merge of one flat tensor, for merge.kernel=native (built and loaded by warp_dist/native.py).
 //
 // The math of merging._fused_merge (the torch.compile graph): rows d_i = p_i - x (i < M) and x - f (the SFT row,
-// when given) in fp32; the Gram matrix of the rows from fp32 products summed in fp32 over blocks of BLOCK elements
-// (one accumulator per pair and vector lane), each block's sums added in fp64; SLERP coefficients from the Gram
+// when given) in fp32; the Gram matrix of the rows from fp32 products (fused into the sums where the CPU has
+// AVX-512) summed in fp32 over blocks of BLOCK elements (one accumulator per pair and vector lane), each block's sums
+// added in fp64; SLERP coefficients from the Gram
 // matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
 // (torch.lerp's two-sided formula, no fused multiply-add), stored in x's dtype (bf16: round to nearest even, NaN
 // stays NaN). The outputs are the compiled graph's bits whenever both round the coefficients to the same fp32 values
@@ -28,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the bf16 loads and stores assume little-endian lanes");
 
 namespace {
 constexpr int BLOCK = 256;

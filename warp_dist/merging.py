@@ -86,6 +86,12 @@ def slerp_coefficients(gram, lam: float) -> list[float]:
     return acc
 
 
+def _destinations(x: torch.Tensor, out: torch.Tensor | None, nxt: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat tensors a merge of x writes theta_slerp and the next theta_init into: the caller's, else new ones."""
+    return tuple(torch.empty_like(x) if t is None else t.reshape(-1) for t in (out, nxt))
+
+
 def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta: float,
                sft: torch.Tensor | None = None, chunk: int = CHUNK, out: torch.Tensor | None = None,
                nxt: torch.Tensor | None = None, kernel: str = "eager"
@@ -131,8 +137,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
         from . import native
 
         if native.supports(x, ps, f):
-            out = torch.empty_like(x) if out is None else out.reshape(-1)
-            nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
+            out, nxt = _destinations(x, out, nxt)
             gram = native.merge(x, ps, f, lam, eta, out, nxt)
             return out.view_as(init), nxt.view_as(init), gram
         if M > native.max_policies() and n >= COMPILED_MIN:  # more policies than the kernel takes: the graph
@@ -167,8 +172,7 @@ def merge_pass(init: torch.Tensor, policies: list[torch.Tensor], lam: float, eta
     gram = torch.zeros(M + 1, M + 1, dtype=torch.float64)
     gram[:k, :k] = g
     coef = slerp_coefficients(gram[:M, :M], lam)
-    out = torch.empty_like(x) if out is None else out.reshape(-1)
-    nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
+    out, nxt = _destinations(x, out, nxt)
     same = x.dtype == torch.float32
     acc = None if same else torch.empty(c, dtype=torch.float32)
     tmp = rows[0]
@@ -280,8 +284,7 @@ def compiled_merge_pass(x: torch.Tensor, ps: list[torch.Tensor], f: torch.Tensor
     """`merge_pass` on flat tensors with the compiled graph: each sweep one fused loop that reads its inputs once."""
     M = len(ps)
     fn = compiled_merge(x.dtype, M, f is not None)
-    out = torch.empty_like(x) if out is None else out.reshape(-1)
-    nxt = torch.empty_like(x) if nxt is None else nxt.reshape(-1)
+    out, nxt = _destinations(x, out, nxt)
     gram = fn(x, ps, f, _scalar(lam, torch.float64), _scalar(eta, torch.float32), out, nxt)
     return out.view_as(like), nxt.view_as(like), gram
 
