@@ -155,7 +155,12 @@ def main(argv=None) -> int:
 
     try:
         preflight.check_eval(cfg)  # the run's model, reward and backend are still there, before any weights load
-        return evaluate(args, run, cfg, grid, baselines)
+        rc = evaluate(args, run, cfg, grid, baselines)
+        if rc == 0:
+            from warp_dist.dist import shutdown
+
+            shutdown()
+        return rc
     except preflight.PreflightError as exc:
         print_error(exc, cfg.debug)
         return 2

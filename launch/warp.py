@@ -46,6 +46,9 @@ def main(argv=None) -> int:
         preflight.check(cfg, world)  # before any weights load
         plan.check(cfg, world)  # the memory plan (config.json only): refuses a run that cannot fit
         run(cfg)
+        from warp_dist.dist import shutdown
+
+        shutdown()
     except (ConfigError, TopologyError) as exc:
         print_error(exc, cfg.debug, prefix="config error")
         return 2

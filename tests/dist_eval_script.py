@@ -20,4 +20,4 @@ ev = w.evaluate_state(moved, sft)
 if d.is_main:
     with open(sys.argv[2], "w") as fh:
         json.dump({"sft": sft.metrics, "moved": ev.metrics, "texts": ev.texts}, fh)
-d.barrier()
+distmod.shutdown()

@@ -20,4 +20,4 @@ if d.is_main:
     with open(sys.argv[2], "w") as fh:
         json.dump(held, fh)
 w.close()
-d.barrier()
+distmod.shutdown()

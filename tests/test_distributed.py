@@ -112,6 +112,17 @@ def test_evaluation_over_two_ranks_matches_one_rank(tmp_path, tiny_model_path):
     assert a["moved"]["identical_fraction"] < 1.0
 
 
+def test_shutdown_destroys_the_process_group_once():
+    """A finished job destroys its process groups before the interpreter exits (gloo's worker threads outliving Python
+    can abort a finished rank with exit -6); without a group, or a second time, it does nothing."""
+    code = ("import torch.distributed as t; from warp_dist import dist; dist.shutdown(); "
+            "d = dist.init(1, 60.0, cpu=True, need_process_group=True); assert t.is_initialized(); "
+            "dist.shutdown(); assert not t.is_initialized(); dist.shutdown(); print('shut down')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("shut down"), proc.stderr[-2000:]
+
+
 def test_failing_rank_ends_the_job_promptly(tmp_path, tiny_model_path):
     out = tmp_path / "fail"
     t0 = time.time()

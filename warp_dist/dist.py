@@ -137,6 +137,16 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_pr
                 device, topo, groups[topo.group_of(rank)], groups, solos[rank])
 
 
+def shutdown() -> None:
+    """This process's end of a job every rank finished: wait for the others, then destroy the process groups while the
+    interpreter is whole. A process that exits with gloo groups alive can abort at interpreter exit, their worker
+    threads outliving Python ("terminate called without an active exception", exit -6), and so fail a finished run.
+    Only on success: a failing rank ends the job through fail_fast instead. No-op without a process group."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 HEAP_TRIM_THRESHOLD = (1 << 31) - 1  # free heap top kept up to ~2 GiB (mallopt takes an int); trim_allocator gives it back
 _ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _M_TRIM, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # glibc mallopt parameters

@@ -502,6 +502,10 @@ def main(argv=None) -> int:
     except RunError as exc:  # a run that failed cleanly (e.g. a failing reward callable): one line, exit 1
         print_error(exc)
         return 1
+    if "torch.distributed" in sys.modules:  # points ran in this process (side by side, only in the children)
+        from .dist import shutdown
+
+        shutdown()  # every point done on every rank
     if args.only:
         return 0
     if os.environ.get("RANK", "0") == "0":

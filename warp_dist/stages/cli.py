@@ -66,6 +66,9 @@ def main(stage: str, argv=None) -> int:
         else:
             from .reward_model import run
         run(cfg, command_line(argv), t0)
+        from ..dist import shutdown
+
+        shutdown()
     except ConfigError as exc:
         print_error(exc, cfg.debug, prefix="config error")
         return 2
