@@ -523,8 +523,8 @@ def test_native_merge_is_the_compiled_one_bit_for_bit(dtype, M, with_sft):
         scale = torch.tensor([[float(a.abs() @ b.abs()) for b in rows] for a in rows], dtype=torch.float64)
         k = len(rows)
         assert ng.shape == (M + 1, M + 1) and ng.dtype == torch.float64
-        # fp32 sums over a block of <= 256 products (16 vector lanes, then across them), fp64 over blocks: ~16 u
-        # relative to sum |a_i b_i| at worst (u = 6e-8), 1e-7 measured on one block; a wrong entry is off by O(1)
+        # fp32 sums of <= 16 products per vector lane of a block of 256 (compiled: then across the lanes in fp32), the
+        # lanes and blocks in fp64: ~16 u relative to sum |a_i b_i| at worst (u = 6e-8); a wrong entry is off by O(1)
         assert ((ng[:k, :k] - exact).abs() <= 1e-6 * scale).all(), n
         assert (ng[k:] == 0).all() and (ng[:, k:] == 0).all()
     assert native.EPS == merging.EPS

@@ -3,8 +3,7 @@
 // The math of merging._fused_merge (the torch.compile graph): rows d_i = p_i - x (i < M) and x - f (the SFT row,
 // when given) in fp32; the Gram matrix of the rows from fp32 products (fused into the sums where the CPU has
 // AVX-512) summed in fp32 over blocks of BLOCK elements (one accumulator per pair and vector lane), each block's sums
-// added in fp64; SLERP coefficients from the Gram
-// matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
+// added in fp64; SLERP coefficients from the Gram matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
 // (torch.lerp's two-sided formula, no fused multiply-add), stored in x's dtype (bf16: round to nearest even, NaN
 // stays NaN). The outputs are the compiled graph's bits whenever both round the coefficients to the same fp32 values
 // (their Gram sums add the same products in a different order).
@@ -37,6 +36,8 @@ constexpr int BLOCK = 256;
 constexpr int MAXK = 9;  // rows: up to 8 policies and the SFT row
 constexpr int V = 16, STEP = 2 * V;
 constexpr int64_t STREAM_MIN_BYTES = int64_t(4) << 20;
+template <int BF>
+constexpr size_t ELEM = BF ? 2 : 4;  // bytes per stored element
 #if defined(__AVX512F__)
 constexpr bool CAN_STREAM = true;
 #else
@@ -158,7 +159,7 @@ struct Streams {
 template <int BF, int R>
 Streams padded(const void* x, const void* const* ps, const void* f, int64_t full, int64_t b,
                unsigned char (*buf)[STEP * 4]) {
-  const size_t es = BF ? 2 : 4, len = static_cast<size_t>(b - full) * es, off = static_cast<size_t>(full) * es;
+  const size_t len = static_cast<size_t>(b - full) * ELEM<BF>, off = static_cast<size_t>(full) * ELEM<BF>;
   std::memset(buf, 0, sizeof(unsigned char[STEP * 4]) * (R + 2));
   Streams s{buf[0], {}, f ? buf[R + 1] : nullptr};
   std::memcpy(buf[0], static_cast<const char*>(x) + off, len);
@@ -226,8 +227,8 @@ inline void out_half(vf base, const vf* p, const float* cf, float eta, vf& o, vf
 }
 
 template <int BF, int R, int LOW, int NT>
-inline void out_step(const void* x, const void* const* ps, const float* cf, float eta, int64_t i, int64_t j,
-                     void* out, void* nxt) {
+inline void out_step(const void* x, const void* const* ps, const float* cf, float eta, int64_t i, void* out,
+                     void* nxt) {
   const Two base = load<BF>(x, i);
   vf pa[R], pb[R];
   for (int q = 0; q < R; ++q) {
@@ -238,8 +239,8 @@ inline void out_step(const void* x, const void* const* ps, const float* cf, floa
   Two o, nx;
   out_half<R, LOW>(base.a, pa, cf, eta, o.a, nx.a);
   out_half<R, LOW>(base.b, pb, cf, eta, o.b, nx.b);
-  store<BF, NT>(out, j, o);
-  store<BF, NT>(nxt, j, nx);
+  store<BF, NT>(out, i, o);
+  store<BF, NT>(nxt, i, nx);
 }
 
 // theta_slerp and the next theta_init for elements [a, b)
@@ -247,15 +248,15 @@ template <int BF, int R, int LOW, int NT>
 void out_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, const float* cf, float eta, void* out,
                void* nxt) {
   const int64_t full = a + (b - a) / STEP * STEP;
-  for (int64_t i = a; i < full; i += STEP) out_step<BF, R, LOW, NT>(x, ps, cf, eta, i, i, out, nxt);
+  for (int64_t i = a; i < full; i += STEP) out_step<BF, R, LOW, NT>(x, ps, cf, eta, i, out, nxt);
 #if defined(__AVX512F__)
   if (NT) _mm_sfence();
 #endif
   if (full < b) {
     alignas(64) unsigned char buf[R + 2][STEP * 4], res[2][STEP * 4];
     const Streams t = padded<BF, R>(x, ps, nullptr, full, b, buf);
-    out_step<BF, R, LOW, 0>(t.x, t.ps, cf, eta, 0, 0, res[0], res[1]);
-    const size_t es = BF ? 2 : 4, len = static_cast<size_t>(b - full) * es, off = static_cast<size_t>(full) * es;
+    out_step<BF, R, LOW, 0>(t.x, t.ps, cf, eta, 0, res[0], res[1]);
+    const size_t len = static_cast<size_t>(b - full) * ELEM<BF>, off = static_cast<size_t>(full) * ELEM<BF>;
     std::memcpy(static_cast<char*>(out) + off, res[0], len);
     std::memcpy(static_cast<char*>(nxt) + off, res[1], len);
   }
@@ -267,7 +268,7 @@ void merge(int64_t n, const void* x, const void* const* ps, const void* f, doubl
   constexpr int K = R + F, P = K * (K + 1) / 2;
   const int nt = std::max(1, omp_get_max_threads());
   std::vector<double> partial(static_cast<size_t>(nt) * P, 0.0);
-  const bool stream = CAN_STREAM && n * (BF ? 2 : 4) >= STREAM_MIN_BYTES &&
+  const bool stream = CAN_STREAM && n * int64_t(ELEM<BF>) >= STREAM_MIN_BYTES &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0 && reinterpret_cast<uintptr_t>(nxt) % 64 == 0;
   const bool low = std::fabs(eta) < 0.5f;
 #pragma omp parallel num_threads(nt)

@@ -3,11 +3,11 @@ machine with the C++ compiler torch.compile uses, loaded with ctypes and called 
 
 The compiled kernel's math (merging._fused_merge; the same output bits whenever both round the SLERP coefficients to
 the same fp32 values) without its fixed cost per call (dynamo's guards, AOT wrappers, ~30 buffer allocations and ~15
-OpenMP barriers: 100-150 us a tensor, most of the merge of a model with many small tensors), and about twice its
-throughput on large tensors (all the Gram's pair sums in one loop, bf16 widened without shuffles, non-temporal
-stores for outputs larger than the cache). The build (about a second) lands in a cache folder under a name that carries a hash
-of the source, the compiler, its flags and this CPU's instruction-set flags (-march=native), written to a temporary
-name and renamed, so concurrent ranks and later processes share it. It links the OpenMP runtime torch already
+OpenMP barriers: 100-150 us a tensor, most of the merge of a model with many small tensors), at 1.15-2.05x its
+bandwidth in benchmarks/merge.py (all the Gram's pair sums in one loop, bf16 widened without shuffles, non-temporal
+stores for outputs larger than the cache). The build (about a second) lands in a cache folder under a name that
+carries a hash of the source, the compiler, its flags and this CPU's instruction-set flags (-march=native), written
+to a temporary name and renamed, so concurrent ranks and later processes share it. It links the OpenMP runtime torch already
 loaded (same soname, libgomp.so.1), so the merge runs on torch's thread count.
 """
 
