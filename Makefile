@@ -41,7 +41,8 @@ DEMO_ETAS ?= 0,0.2,...,1
 DEMO_PARALLEL ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 2 || echo 1)
 # compute dtype of WARP and the baselines. float32: a bf16 demo (DEMO_DTYPE=bfloat16, fp32 master weights; only
 # for CPUs with AVX512-BF16/AMX and GPUs) ran 1.6x faster on a 2-core Xeon but its WARP - SFT reward gain was
-# smaller twice (README, "Benchmarks"). Saved model folders stay fp32 (the eta-grid evaluation interpolates them).
+# smaller twice (README, "Benchmarks"). auto: bfloat16 where the CPU has AVX512-BF16/AMX or the GPU bf16, else
+# float32. Saved model folders stay fp32 (the eta-grid evaluation interpolates them).
 DEMO_DTYPE ?= float32
 SFT_ARGS ?=
 RM_ARGS ?=

@@ -182,3 +182,30 @@ def test_launcher_rejects_bad_value():
     assert res.returncode == 2
     assert "merge.eta" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_has_bf16_reads_the_flags_line():
+    from warp_dist.config import cpu_has_bf16
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\nbugs\t\t: \n"
+    sapphire = "flags\t: avx512f amx_tile amx_bf16 amx_int8\n"
+    avx2 = "flags\t: fpu sse2 avx avx2 fma\n"
+    skylake = "flags\t: avx2 avx512f avx512bw avx512vl\nmodel name\t: avx512_bf16 in a name is not a flag\n"
+    assert cpu_has_bf16(zen4) and cpu_has_bf16(sapphire)
+    assert not cpu_has_bf16(avx2) and not cpu_has_bf16(skylake) and not cpu_has_bf16("")
+
+
+def test_model_dtype_auto_is_made_concrete_for_this_machine():
+    """auto resolves while loading (so config.yaml, caches and reports name the dtype that ran): here, on CPU, from
+    this machine's /proc/cpuinfo flags; a concrete dtype passes through."""
+    from warp_dist.config import cpu_has_bf16, resolve_dtype
+
+    info = Path("/proc/cpuinfo")
+    expected = "bfloat16" if info.exists() and cpu_has_bf16(info.read_text()) else "float32"
+    cfg = load_config(TINY, ["model.dtype=auto", "cpu=true"])
+    assert cfg.model.dtype == expected
+    assert resolve_dtype("auto", cpu=True) == expected
+    assert resolve_dtype("float32", cpu=True) == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    assert config_from_dict(cfg.to_dict()).model.dtype == expected
+    assert config_from_dict({"model": {"dtype": "auto"}, "cpu": True}).model.dtype == expected
+    assert "auto" in _err(["model.dtype=int8"])

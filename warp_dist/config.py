@@ -30,7 +30,8 @@ MERGE_KERNELS = ("auto", "eager", "compiled", "native")  # merge.kernel choices:
 @dataclass
 class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (weights, EMA, theta_init and merging stay fp32)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | auto (bfloat16 where the device computes bf16 natively:
+    # a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; else float32). Weights, EMA, theta_init and merging stay fp32
     cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
     attention: str = "auto"  # training/eval attention kernel: auto (eager for bf16 on CPU up to 64 tokens, else the
     # model's default: sdpa where supported) | sdpa | eager
@@ -248,6 +249,33 @@ def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
 
 
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """Whether a CPU whose /proc/cpuinfo text is `cpuinfo` has bf16 instructions (x86 AVX512-BF16 or AMX-BF16 flag)."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(name: str, cpu: bool = False) -> str:
+    """model.dtype with "auto" made concrete for this machine: bfloat16 on a CUDA device that supports it (unless
+    `cpu`) or on a CPU with bf16 instructions (Linux /proc/cpuinfo; other systems count as without), else float32.
+    On a CPU without them (AVX2 only) torch emulates bf16 and an RL step ran ~7x slower than in fp32."""
+    if name != "auto":
+        return name
+    import torch
+
+    if not cpu and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    return "bfloat16" if cpu_has_bf16(text) else "float32"
+
+
 def validate(c: WarpConfig) -> None:
     """Range and choice checks; raises ConfigError naming the first bad field."""
     t, m, r, d, ro, e = c.train, c.merge, c.reward, c.data, c.rollout, c.eval
@@ -271,7 +299,8 @@ def validate(c: WarpConfig) -> None:
     _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
     _check(m.kernel in MERGE_KERNELS, "merge.kernel", " | ".join(MERGE_KERNELS), m.kernel)
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
-           "float32 | bfloat16 (float16 would need loss scaling; bfloat16 keeps fp32 master weights)", c.model.dtype)
+           "float32 | bfloat16 | auto (float16 would need loss scaling; bfloat16 keeps fp32 master weights)",
+           c.model.dtype)
     _check(c.model.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), c.model.attention)
     _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
     _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
@@ -358,14 +387,21 @@ def load_into(cls, path: str | Path | None = None, overrides: list[str] | None =
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WarpConfig:
     """Preset YAML (optional) + `dotted.key=value` overrides -> validated WarpConfig."""
     cfg = load_into(WarpConfig, path, overrides)
+    _concrete(cfg)
     validate(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
 
+def _concrete(cfg: WarpConfig) -> None:
+    """model.dtype=auto made concrete while loading, so config.yaml, caches and reports name the dtype that ran."""
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.cpu)
+
+
 def config_from_dict(data: dict) -> WarpConfig:
     cfg = WarpConfig()
     _apply(cfg, data, "", WarpConfig)
+    _concrete(cfg)
     validate(cfg)
     return cfg
