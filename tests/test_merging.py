@@ -570,6 +570,53 @@ def test_native_merge_of_large_outputs_is_the_same_aligned_or_not(dtype, M, with
     assert native.max_policies() == 8
 
 
+def _narrower_isas() -> list[str]:
+    """-march levels below this CPU's vector width that it can run: the kernel's 8-float path (AVX2 + FMA, or SSE2
+    without FMA or streaming stores) next to its 16-float AVX-512 one."""
+    from warp_dist import native
+
+    flags = set(native._cpu_flags().split())
+    levels = ["x86-64"] if "sse2" in flags else []
+    if {"avx512f", "avx2", "fma"} <= flags:
+        levels.append("x86-64-v3")
+    return levels
+
+
+@pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 2, True), (torch.float32, 4, False),
+                                               (torch.bfloat16, 3, True)])
+def test_native_kernel_gives_the_same_merge_at_every_vector_width(tmp_path, monkeypatch, dtype, M, with_sft):
+    """The kernel takes 16 floats per vector with AVX-512 and 8 below it (one register each), fuses the Gram products
+    where the CPU has FMA and streams outputs of >= 4 MB where it has AVX: built for a narrower instruction set than
+    this CPU's (what an AVX2 or older machine runs), its outputs are the -march=native build's within a rounding and
+    its Gram matrix within the sums' bound, on a ragged size and on one large enough to stream."""
+    native = _native()
+    levels = _narrower_isas()
+    if not levels:
+        pytest.skip("no narrower x86-64 level to build for on this CPU")
+    el = torch.tensor([], dtype=dtype).element_size()
+    sizes = (1000 + 13, (4 << 20) // el + 77)
+    cases = []
+    for n in sizes:
+        init = _rand(n, seed=210 + n % 97).to(dtype)
+        policies = [(init.float() + 0.01 * _rand(n, seed=211 + m)).to(dtype) for m in range(M)]
+        sft = (init.float() - 0.02 * _rand(n, seed=219)).to(dtype) if with_sft else None
+        cases.append((init, policies, sft, merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="native")))
+    monkeypatch.setenv("WARP_DIST_CACHE", str(tmp_path / "cache"))
+    tol = 1e-6 if dtype == torch.float32 else 0.016
+    for level in levels:
+        monkeypatch.setattr(native, "FLAGS", [f"-march={level}" if f == "-march=native" else f for f in native.FLAGS])
+        monkeypatch.setattr(native, "_FN", None)
+        for init, policies, sft, (rs, rn, rg) in cases:
+            out, nxt = torch.empty_like(init), torch.empty_like(init)
+            g = native.merge(init, policies, sft, 0.4, 0.3, out, nxt)
+            assert (out.float() - rs.float()).abs().max().item() <= tol, (level, init.numel())
+            assert (nxt.float() - rn.float()).abs().max().item() <= tol, (level, init.numel())
+            # |a.b| <= max diagonal: the sums' rounding bound (~16 u of sum |a_i b_i|) with room; a wrong entry is off
+            # by O(1) of it
+            assert (g - rg).abs().max().item() <= 2e-6 * float(rg.diagonal().max()), (level, init.numel())
+        assert len(list((tmp_path / "cache").iterdir())) == levels.index(level) + 1  # one build per level
+
+
 def test_native_merge_of_more_policies_than_the_kernel_takes():
     """Nine policies: the compiled graph from COMPILED_MIN elements (its exact result), the eager sweep below."""
     native = _native()

@@ -2,7 +2,7 @@
 //
 // The math of merging._fused_merge (the torch.compile graph): rows d_i = p_i - x (i < M) and x - f (the SFT row,
 // when given) in fp32; the Gram matrix of the rows from fp32 products (fused into the sums where the CPU has
-// AVX-512) summed in fp32 over blocks of BLOCK elements (one accumulator per pair and vector lane), each block's sums
+// FMA) summed in fp32 over blocks of BLOCK elements (one accumulator per pair and vector lane), each block's sums
 // added in fp64; SLERP coefficients from the Gram matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
 // (torch.lerp's two-sided formula, no fused multiply-add), stored in x's dtype (bf16: round to nearest even, NaN
 // stays NaN). The outputs are the compiled graph's bits whenever both round the coefficients to the same fp32 values
@@ -13,13 +13,15 @@
 // computes the same coefficients. No allocation per element, no Python per call: what made torch.compile's call
 // cost ~100-150 us per tensor, most of a small tensor's merge.
 //
-// Elements go STEP = 32 at a time, as two vectors of 16 floats (GCC/Clang vector extensions: one AVX-512 register
-// each, or two AVX2 ones): fp32, elements i..i+15 and i+16..i+31; bf16, one 64-byte load whose 32-bit lanes hold two
+// Elements go STEP = 2V at a time, as two vectors of V floats, V = 16 with AVX-512 and 8 below it: one register each
+// (GCC/Clang vector extensions; wider vectors than the registers spilled the Gram accumulators on AVX2 and made its
+// merge 3-4x slower): fp32, elements i..i+V-1 and i+V..i+2V-1; bf16, one 4V-byte load whose 32-bit lanes hold two
 // elements each, split by a shift and a mask into the even and the odd elements (no shuffles), and stored back by
 // the same pairing. Outputs of tensors of at least STREAM_MIN_BYTES are written with non-temporal stores where the
-// CPU has AVX-512 and the outputs are 64-byte aligned (no read of each output line before it is written).
+// CPU has AVX (or AVX-512), the outputs are 64-byte aligned and one step writes whole 64-byte lines (on AVX2 fp32
+// only: bf16's half-line stores made it slower), so no output line is read before it is written.
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -34,22 +36,28 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the bf16 loads and sto
 namespace {
 constexpr int BLOCK = 256;
 constexpr int MAXK = 9;  // rows: up to 8 policies and the SFT row
-constexpr int V = 16, STEP = 2 * V;
+// V floats per vector: one register (AVX-512: 16; AVX/AVX2: 8; below AVX, 8 as two SSE registers)
+#if defined(__AVX512F__)
+constexpr int V = 16;
+#else
+constexpr int V = 8;
+#endif
+constexpr int STEP = 2 * V;
 constexpr int64_t STREAM_MIN_BYTES = int64_t(4) << 20;
 template <int BF>
 constexpr size_t ELEM = BF ? 2 : 4;  // bytes per stored element
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 constexpr bool CAN_STREAM = true;
 #else
 constexpr bool CAN_STREAM = false;
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef uint32_t vu __attribute__((vector_size(V * 4)));
+typedef float vh __attribute__((vector_size(V * 2)));   // half a vector
+typedef double vd __attribute__((vector_size(V * 4)));  // V / 2 doubles
 
-struct Two {  // the 32 elements of one step
+struct Two {  // the STEP elements of one step
   vf a, b;
 };
 
@@ -92,6 +100,12 @@ inline void store(void* p, int64_t i, const Two& t) {
       _mm512_stream_ps(q + V, t.b);
       return;
     }
+#elif defined(__AVX__)
+    if (NT) {
+      _mm256_stream_ps(q, t.a);
+      _mm256_stream_ps(q + V, t.b);
+      return;
+    }
 #endif
     std::memcpy(q, &t.a, sizeof(vf));
     std::memcpy(q + V, &t.b, sizeof(vf));
@@ -101,23 +115,27 @@ inline void store(void* p, int64_t i, const Two& t) {
   uint16_t* q = static_cast<uint16_t*>(p) + i;
 #if defined(__AVX512F__)
   if (NT) return _mm512_stream_si512(reinterpret_cast<__m512i*>(q), bits<__m512i>(w));
+#elif defined(__AVX__)
+  if (NT) return _mm256_stream_si256(reinterpret_cast<__m256i*>(q), bits<__m256i>(w));
 #endif
   std::memcpy(q, &w, sizeof w);
 }
 
-// acc + a * b: one rounding where the CPU has AVX-512 (the Gram sums only; the outputs keep separate multiplies and
+// acc + a * b: one rounding where the CPU has FMA (the Gram sums only; the outputs keep separate multiplies and
 // adds, as the compiled graph)
 inline vf fma(vf a, vf b, vf acc) {
 #if defined(__AVX512F__)
   return _mm512_fmadd_ps(a, b, acc);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, acc);
 #else
   return acc + a * b;
 #endif
 }
 
-// the 16 lanes of v summed pairwise into 8 fp64 lanes
+// the V lanes of v summed pairwise into V / 2 fp64 lanes
 inline vd widen_sum(vf v) {
-  vf8 lo, hi;
+  vh lo, hi;
   std::memcpy(&lo, &v, sizeof lo);
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
   return __builtin_convertvector(lo, vd) + __builtin_convertvector(hi, vd);
@@ -187,8 +205,12 @@ inline void gram_step(const void* x, const void* const* ps, const void* f, int64
     ra[R] = base.a - s.a;
     rb[R] = base.b - s.b;
   }
+  // each accumulator takes its a product, then its b product; the a half's products all come first, so fewer rows
+  // are live at once (what spilled registers on AVX2)
   for (int u = 0, q = 0; u < K; ++u)
-    for (int v = u; v < K; ++v, ++q) acc[q] = fma(rb[u], rb[v], fma(ra[u], ra[v], acc[q]));
+    for (int v = u; v < K; ++v, ++q) acc[q] = fma(ra[u], ra[v], acc[q]);
+  for (int u = 0, q = 0; u < K; ++u)
+    for (int v = u; v < K; ++v, ++q) acc[q] = fma(rb[u], rb[v], acc[q]);
 }
 
 // The Gram partials of elements [a, b) (a a multiple of BLOCK) into sums (upper triangle, row after row)
@@ -216,7 +238,7 @@ void gram_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, cons
   }
 }
 
-// theta_slerp and the next theta_init of 16 elements
+// theta_slerp and the next theta_init of V elements
 template <int R, int LOW>
 inline void out_half(vf base, const vf* p, const float* cf, float eta, vf& o, vf& nx) {
   vf acc = cf[0] * (p[0] - base);
@@ -249,7 +271,7 @@ void out_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, const
                void* nxt) {
   const int64_t full = a + (b - a) / STEP * STEP;
   for (int64_t i = a; i < full; i += STEP) out_step<BF, R, LOW, NT>(x, ps, cf, eta, i, out, nxt);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
   if (NT) _mm_sfence();
 #endif
   if (full < b) {
@@ -268,7 +290,7 @@ void merge(int64_t n, const void* x, const void* const* ps, const void* f, doubl
   constexpr int K = R + F, P = K * (K + 1) / 2;
   const int nt = std::max(1, omp_get_max_threads());
   std::vector<double> partial(static_cast<size_t>(nt) * P, 0.0);
-  const bool stream = CAN_STREAM && n * int64_t(ELEM<BF>) >= STREAM_MIN_BYTES &&
+  const bool stream = CAN_STREAM && STEP * ELEM<BF> % 64 == 0 && n * int64_t(ELEM<BF>) >= STREAM_MIN_BYTES &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0 && reinterpret_cast<uintptr_t>(nxt) % 64 == 0;
   const bool low = std::fabs(eta) < 0.5f;
 #pragma omp parallel num_threads(nt)
