@@ -79,10 +79,12 @@ def test_merge(results, tiny_model_path):
     from warp_dist import merging
 
     out = results / "merge.json"
-    res = check_written(merge.main(["--size", "tiny", "--out", str(out)]), out, "merge")
+    # M = 2 only: each row measures the streaming merger in two fresh processes (~6 s each here); M = 4 runs the same
+    # code, and the kernels' merges for M = 1..9 are checked in test_merging
+    res = check_written(merge.main(["--size", "tiny", "--policies", "2", "--out", str(out)]), out, "merge")
     rows = res["rows"]
     assert [(r["state_dict"].split()[0], r["M"], r["dtype"]) for r in rows] == [
-        (sd, m, dt) for dt in ("float32", "bfloat16") for sd in ("embedded:tiny-gpt2", "synthetic") for m in (2, 4)]
+        (sd, 2, dt) for dt in ("float32", "bfloat16") for sd in ("embedded:tiny-gpt2", "synthetic")]
     for r in rows:
         keys = ["model_bytes", "largest_tensor_bytes", "merge_s", "merge_gbps", "clone_s", "clone_gbps", "copy_gbps",
                 "eager_gbps", "eager_over_copy_bandwidth", "merge_over_clone_bandwidth", "stream_merge_s",
@@ -109,8 +111,8 @@ def test_merge(results, tiny_model_path):
         assert r["stream_extra_bytes_theoretical"] == r["largest_tensor_bytes"] * (r["M"] + 2)
         assert r["stream_outputs_bytes"] == r["model_bytes"]
         assert r["stream_vs_in_memory_max_abs_diff"] <= (1e-6 if r["dtype"] == "float32" else 1e-2)
-    assert rows[2]["model_bytes"] == 8 * 256 * 256 * 4
-    assert rows[6]["model_bytes"] == 8 * 256 * 256 * 2
+    assert rows[1]["model_bytes"] == 8 * 256 * 256 * 4
+    assert rows[3]["model_bytes"] == 8 * 256 * 256 * 2
 
 
 @pytest.mark.slow  # 2 policies x 2 layouts of real ranks; the same topology is tested in test_distributed

@@ -582,9 +582,15 @@ def _narrower_isas() -> list[str]:
     return levels
 
 
+@pytest.fixture(scope="module")
+def narrow_cache(tmp_path_factory):
+    """One cache folder for the narrower builds, so each -march level is built once for the cases below."""
+    return tmp_path_factory.mktemp("narrow_cache")
+
+
 @pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 2, True), (torch.float32, 4, False),
                                                (torch.bfloat16, 3, True)])
-def test_native_kernel_gives_the_same_merge_at_every_vector_width(tmp_path, monkeypatch, dtype, M, with_sft):
+def test_native_kernel_gives_the_same_merge_at_every_vector_width(narrow_cache, monkeypatch, dtype, M, with_sft):
     """The kernel takes 16 floats per vector with AVX-512 and 8 below it (one register each), fuses the Gram products
     where the CPU has FMA and streams outputs of >= 4 MB where it has AVX: built for a narrower instruction set than
     this CPU's (what an AVX2 or older machine runs), its outputs are the -march=native build's within a rounding and
@@ -601,7 +607,7 @@ def test_native_kernel_gives_the_same_merge_at_every_vector_width(tmp_path, monk
         policies = [(init.float() + 0.01 * _rand(n, seed=211 + m)).to(dtype) for m in range(M)]
         sft = (init.float() - 0.02 * _rand(n, seed=219)).to(dtype) if with_sft else None
         cases.append((init, policies, sft, merging.merge_pass(init, policies, 0.4, 0.3, sft=sft, kernel="native")))
-    monkeypatch.setenv("WARP_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WARP_DIST_CACHE", str(narrow_cache))
     tol = 1e-6 if dtype == torch.float32 else 0.016
     for level in levels:
         monkeypatch.setattr(native, "FLAGS", [f"-march={level}" if f == "-march=native" else f for f in native.FLAGS])
@@ -614,7 +620,9 @@ def test_native_kernel_gives_the_same_merge_at_every_vector_width(tmp_path, monk
             # |a.b| <= max diagonal: the sums' rounding bound (~16 u of sum |a_i b_i|) with room; a wrong entry is off
             # by O(1) of it
             assert (g - rg).abs().max().item() <= 2e-6 * float(rg.diagonal().max()), (level, init.numel())
-        assert len(list((tmp_path / "cache").iterdir())) == levels.index(level) + 1  # one build per level
+        lib = native.library_path(native.compiler())  # named by the flags: this level's build, not native's
+        assert lib.parent == narrow_cache and lib.exists(), lib
+    assert len(list(narrow_cache.iterdir())) == len(levels)  # one build per level, shared by the cases
 
 
 def test_native_merge_of_more_policies_than_the_kernel_takes():
