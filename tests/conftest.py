@@ -53,7 +53,7 @@ SLOW_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_vllm.py", "te
                     "test_preflight.py", "test_stages.py", "test_sweep.py", "test_merging.py", "test_report.py")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 

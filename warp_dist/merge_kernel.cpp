@@ -46,8 +46,10 @@ constexpr int STEP = 2 * V;
 constexpr int64_t STREAM_MIN_BYTES = int64_t(4) << 20;
 template <int BF>
 constexpr size_t ELEM = BF ? 2 : 4;  // bytes per stored element
+// non-temporal stores: with AVX or AVX-512, where one step writes whole 64-byte lines (not bf16 on AVX2)
+template <int BF>
 #if defined(__AVX512F__) || defined(__AVX__)
-constexpr bool CAN_STREAM = true;
+constexpr bool CAN_STREAM = STEP * ELEM<BF> % 64 == 0;
 #else
 constexpr bool CAN_STREAM = false;
 #endif
@@ -115,8 +117,6 @@ inline void store(void* p, int64_t i, const Two& t) {
   uint16_t* q = static_cast<uint16_t*>(p) + i;
 #if defined(__AVX512F__)
   if (NT) return _mm512_stream_si512(reinterpret_cast<__m512i*>(q), bits<__m512i>(w));
-#elif defined(__AVX__)
-  if (NT) return _mm256_stream_si256(reinterpret_cast<__m256i*>(q), bits<__m256i>(w));
 #endif
   std::memcpy(q, &w, sizeof w);
 }
@@ -290,7 +290,7 @@ void merge(int64_t n, const void* x, const void* const* ps, const void* f, doubl
   constexpr int K = R + F, P = K * (K + 1) / 2;
   const int nt = std::max(1, omp_get_max_threads());
   std::vector<double> partial(static_cast<size_t>(nt) * P, 0.0);
-  const bool stream = CAN_STREAM && STEP * ELEM<BF> % 64 == 0 && n * int64_t(ELEM<BF>) >= STREAM_MIN_BYTES &&
+  const bool stream = CAN_STREAM<BF> && n * int64_t(ELEM<BF>) >= STREAM_MIN_BYTES &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0 && reinterpret_cast<uintptr_t>(nxt) % 64 == 0;
   const bool low = std::fabs(eta) < 0.5f;
 #pragma omp parallel num_threads(nt)
