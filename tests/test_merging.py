@@ -544,6 +544,27 @@ def test_native_merge_falls_back_to_eager_and_flags_non_finite_inputs():
     assert not math.isfinite(g[1, 1].item()) and math.isfinite(g[0, 0].item())
 
 
+def test_native_bf16_merge_keeps_every_nan_of_its_inputs():
+    """bf16 outputs are rounded without a NaN test: a NaN of an input, whatever its bits (the largest payloads
+    0x7FFF / 0xFFFF included, where a carry out of the rounding would reach the exponent), is NaN in both outputs,
+    on both sides of the lerp formula; the other elements are the eager merge's within a rounding."""
+    _native()
+    n = 3000
+    init = _rand(n, seed=180).bfloat16()
+    policies = [(init.float() + 0.01 * _rand(n, seed=181 + m)).bfloat16() for m in range(2)]
+    policies[0].view(torch.int16)[5] = 0x7FFF
+    policies[1].view(torch.int16)[6] = -1  # 0xFFFF
+    policies[1][7] = float("nan")
+    init.view(torch.int16)[8] = -0x40  # 0xFFC0, a negative quiet NaN
+    for eta in (0.3, 0.7):
+        got = merging.merge_pass(init, policies, 0.4, eta, kernel="native")
+        ref = merging.merge_pass(init, policies, 0.4, eta)
+        for g, r in zip(got[:2], ref[:2], strict=True):
+            assert g[5:9].isnan().all() and torch.equal(g.isnan(), r.isnan()), eta
+            ok = ~r.isnan()
+            assert (g[ok].float() - r[ok].float()).abs().max().item() <= 0.016, eta
+
+
 @pytest.mark.parametrize("dtype,M,with_sft", [(torch.float32, 6, True), (torch.bfloat16, 8, True),
                                                (torch.bfloat16, 5, False)])
 def test_native_merge_of_large_outputs_is_the_same_aligned_or_not(dtype, M, with_sft):

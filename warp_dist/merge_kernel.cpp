@@ -6,7 +6,8 @@
 // added in fp64; SLERP coefficients from the Gram matrix (the fold of merging.slerp_coefficients, fp64); out = x + sum_i c_i d_i and nxt = lerp(x, out, eta) in fp32
 // (torch.lerp's two-sided formula, no fused multiply-add), stored in x's dtype (bf16: round to nearest even, NaN
 // stays NaN). The outputs are the compiled graph's bits whenever both round the coefficients to the same fp32 values
-// (their Gram sums add the same products in a different order).
+// (their Gram sums add the same products in a different order); a NaN's own bits may differ (torch's conversions
+// write 0x7FC0 or 0xFFFF for any NaN, this kernel the NaN the arithmetic carried).
 //
 // One OpenMP parallel region per call: each thread sweeps its own range of whole blocks twice (Gram partials, then
 // the outputs), with one barrier between the sweeps where every thread sums the partials in the same order and
@@ -86,10 +87,12 @@ inline Two load(const void* p, int64_t i) {
   return t;
 }
 
-// v rounded to bf16 (nearest even; NaN -> 0x7FC0) in the high half of each lane
+// v rounded to bf16 (nearest even) in the high half of each lane. A NaN lane stays NaN without a test: it is a bf16
+// input's NaN carried through the arithmetic (low half zero, so adding 0x7FFF or 0x8000 cannot carry into the high
+// half) or the CPU's default NaN of inf - inf / 0 * inf (0xFFC00000, the same)
 inline vu round_bf16(vf v) {
-  const vu u = bits<vu>(v), r = u + 0x7FFFu + ((u >> 16) & 1u);
-  return v != v ? vu{} + 0x7FC00000u : r;
+  const vu u = bits<vu>(v);
+  return u + 0x7FFFu + ((u >> 16) & 1u);
 }
 
 template <int BF, int NT>
