@@ -360,8 +360,8 @@ def subprocess_env(**extra) -> dict[str, str]:
     return env
 
 
-def rerun_as_child(script: str, argv: list[str] | None, spec: str, what: str) -> dict:
-    """Run `script` again in a fresh `python` process with this command's arguments plus `--child <spec>=<file>`,
+def rerun_as_child(script: str, argv: list[str] | None, spec: str, what: str, extra: tuple[str, ...] = ()) -> dict:
+    """Run `script` again in a fresh `python` process with this command's arguments, `extra`, and `--child <spec>=<file>`,
     and return the JSON the child wrote to that file (a benchmark's way to measure one case without the state an
     earlier case left in this process: engines, threads, heap pages). Raises with the child's output tail."""
     import tempfile
@@ -369,7 +369,7 @@ def rerun_as_child(script: str, argv: list[str] | None, spec: str, what: str) ->
     with tempfile.TemporaryDirectory(prefix="warp_bench_child_") as tmp:
         out = Path(tmp) / "child.json"
         given = list(sys.argv[1:] if argv is None else argv)
-        cmd = [python_bin(), str(Path(script).resolve()), *given, "--child", f"{spec}={out}"]
+        cmd = [python_bin(), str(Path(script).resolve()), *given, *extra, "--child", f"{spec}={out}"]
         proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]

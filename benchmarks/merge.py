@@ -209,12 +209,12 @@ def measure_stream(init, pols: list, args, kernel: str) -> dict:
     return {"stream_s": t_stream, "growth_bytes": mem.growth, "max_abs_diff": worst}
 
 
-def stream_in_child(argv, source: str, dtype: str, M: int, kernel: str) -> dict:
+def stream_in_child(argv, source: str, dtype: str, M: int, kernel: str, state_file: str) -> dict:
     """`measure_stream` in a fresh process that builds the same state dicts: RSS growth there is the merger's own,
     not the reuse of heap pages this process's earlier timings freed (that had made the same row read 38 or 348 MB
     from one run to the next)."""
     return common.rerun_as_child(__file__, argv, f"{source},{dtype},{M},{kernel}",
-                                 f"merge.py stream child {source} {dtype} M={M} {kernel}")
+                                 f"merge.py stream child {source} {dtype} M={M} {kernel}", ("--state-file", state_file))
 
 
 def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: list[int], args, argv) -> list[dict]:
@@ -235,9 +235,9 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
         pols = policies_all[:M]
         # the streaming merger's memory, in a fresh process (see stream_in_child), with the eager kernel and with
         # the native one (what merge.kernel=auto takes for large models)
-        st = stream_in_child(argv, source, dtype, M, "eager")
+        st = stream_in_child(argv, source, dtype, M, "eager", args.state_file)
         t_stream, worst, growth = st["stream_s"], st["max_abs_diff"], st["growth_bytes"]
-        stn = stream_in_child(argv, source, dtype, M, "native") if native_ok else None
+        stn = stream_in_child(argv, source, dtype, M, "native", args.state_file) if native_ok else None
 
         def clone_all(keys=names, pols=pols):
             for st in (init, *pols):
@@ -391,12 +391,10 @@ def main(argv=None) -> dict:
         # the model's fp32 state dict, read once and saved for this process's later rows and the children
         args.state_file = str(Path(tmp) / "model_state.pt")
         torch.save(real_state(args.model), args.state_file)
-        child_argv = [*(sys.argv[1:] if argv is None else argv), "--state-file", args.state_file]
         for dt in dtypes:
             for label, source in ((args.model, "model"), (f"synthetic {n} x [{dim}, {dim}]", "synthetic")):
                 init, pols = build(source, dt, max(ms), args)
-                rows += [{**r, "dtype": dt}
-                         for r in bench_state(f"{label} {dt}", source, dt, init, pols, ms, args, child_argv)]
+                rows += [{**r, "dtype": dt} for r in bench_state(f"{label} {dt}", source, dt, init, pols, ms, args, argv)]
                 del init, pols
                 common.release_memory()
     res = {
