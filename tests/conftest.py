@@ -71,6 +71,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_launch(n: int, *args: str, cli: bool = False) -> list[str]:
+    """The command line of `accelerate launch` with n gloo ranks on this machine, then the script and its args.
+
+    By default it runs the launcher as `python -m accelerate.commands.launch`: the same launch_command without the
+    `accelerate` CLI importing all its subcommands first (estimate-memory imports transformers: ~5 s of CPU and of
+    wall time per launch here). cli=True goes through the `accelerate` executable, as the README's commands do.
+    """
+    head = [str(BIN / "accelerate"), "launch"] if cli else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*head, "--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
+
+
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

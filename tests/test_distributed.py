@@ -10,17 +10,15 @@ import time
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from tests.conftest import ROOT, accelerate_launch, subprocess_env
 from warp_dist import merging
 from warp_dist.topology import TopologyError, plan
 
 pytestmark = pytest.mark.multiproc
 
 
-def launch(n: int, script: str, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(ROOT / script), *args]
+def launch(n: int, script: str, *args: str, timeout: int = 420, cli: bool = False) -> subprocess.CompletedProcess:
+    cmd = accelerate_launch(n, str(ROOT / script), *args, cli=cli)
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -50,7 +48,8 @@ def test_topology_plans_and_errors():
 
 def test_two_policies_on_two_ranks_merge_equals_reference(tmp_path, tiny_model_path):
     out = tmp_path / "w2m2"
-    proc = launch(2, "launch/warp.py", *tiny(out, "save_iterations=true", "merge.kernel=native"))
+    # through the `accelerate` executable, as the README's commands (the other launches run its launch module)
+    proc = launch(2, "launch/warp.py", *tiny(out, "save_iterations=true", "merge.kernel=native"), cli=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["merge_kernel"] for r in recs if r["kind"] == "merge"} == {"native"}  # the C++ merge, every tensor

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from tests.conftest import ROOT, accelerate_launch, subprocess_env
 from warp_dist import preflight
 from warp_dist.config import load_config
 from warp_dist.runner import (
@@ -463,9 +463,7 @@ def test_two_ranks_share_rank_0s_decision(run_copy, tmp_path):
         "    print(f\"rank {os.environ['RANK']}: {exc}\", file=sys.stderr, flush=True)\n"
         "    sys.exit(2)\n")
     before = _tree(run_copy)
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), str(TINY), f"output_dir={run_copy}", "train.steps=3"]
+    cmd = accelerate_launch(2, str(script), str(TINY), f"output_dir={run_copy}", "train.steps=3")
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0

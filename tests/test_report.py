@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from tests.conftest import ROOT, accelerate_launch, subprocess_env
 
 KEYS = ("reward_mean", "reward_std", "kl_mean", "identical_fraction", "length_mean", "num_prompts")
 CI_KEYS = ("reward_ci_low", "reward_ci_high", "kl_ci_low", "kl_ci_high", "judge", "judge_mean", "distinct_1",
@@ -335,10 +335,8 @@ def test_eval_on_two_ranks_matches_one(finished, tmp_path):
     run, rows = finished
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "iter_*"))
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "0,1", "--no-report", "--recompute",
-           "cpu=true"]
+    cmd = accelerate_launch(2, str(ROOT / "launch" / "eval.py"), "--run", str(copy), "--eta-grid", "0,1", "--no-report",
+                            "--recompute", "cpu=true")
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]

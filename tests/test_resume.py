@@ -143,12 +143,10 @@ def test_two_ranks_one_killed_then_resumed(tmp_path, tiny_model_path):
 
 
 def launch_cmd(out, args):
-    from tests.conftest import BIN, free_port
+    from tests.conftest import accelerate_launch
     from tests.test_distributed import tiny
 
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(ROOT / "launch" / "warp.py"), *tiny(out, *args)]
+    return accelerate_launch(2, str(ROOT / "launch" / "warp.py"), *tiny(out, *args))
 
 
 def test_resume_on_another_world_size_is_refused(tmp_path, tiny_model_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from tests.conftest import ROOT, accelerate_launch, subprocess_env
 from warp_dist.config import ConfigError
 from warp_dist.stages import output, texts
 from warp_dist.stages.common import lr_factor
@@ -39,9 +39,7 @@ def py(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProce
 
 
 def launch2(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(ROOT / script), *args]
+    cmd = accelerate_launch(2, str(ROOT / script), *args)
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=timeout)
 

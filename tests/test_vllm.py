@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, free_port, subprocess_env
+from tests.conftest import ROOT, accelerate_launch, subprocess_env
 
 pytest.importorskip("vllm")
 
@@ -182,8 +182,7 @@ RANK_SCRIPT = textwrap.dedent("""
 def test_two_ranks_each_with_an_engine(tiny_model_path, tmp_path):
     script = tmp_path / "rank_vllm.py"
     script.write_text(RANK_SCRIPT)
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-           str(free_port()), str(script), str(tmp_path), tiny_model_path, "8"]
+    cmd = accelerate_launch(2, str(script), str(tmp_path), tiny_model_path, "8")
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

