@@ -7,7 +7,9 @@ STAMP   := $(VENV)/.installed
 EXTRAS  ?= cpu,deepspeed,dev
 PYTEST_ARGS ?=
 # `make test` runs the suite on this many pytest-xdist workers (the cores, at most 4), each pinned to its own share
-# of the cores by tests/conftest.py; TEST_WORKERS=0 runs it in one process.
+# of the cores by tests/conftest.py; TEST_WORKERS=0 runs it in one process. Whole files go to the workers in the
+# order tests/conftest.py sorts them (slowest first): --no-loadscope-reorder, since xdist otherwise hands out the
+# files with the most tests first, whatever their time.
 TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install demo test test-slow test-all bench lint clean
@@ -72,7 +74,7 @@ demo: install
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -46,11 +46,13 @@ def _pin_xdist_worker() -> None:
 
 _pin_xdist_worker()
 
-# `make test` hands whole files to its workers (--dist loadfile) in collection order: the slowest files go first so
-# that no worker is left running one long file while the other idles (they take 100-280 s each on the 2-core box,
-# about 2/3 of the suite's time; order from `pytest --durations=0`).
-SLOW_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_vllm.py", "test_benchmarks.py",
-                    "test_preflight.py", "test_stages.py", "test_sweep.py", "test_merging.py", "test_report.py")
+# `make test` hands whole files to its workers (--dist loadfile) in collection order (--no-loadscope-reorder: xdist
+# would otherwise sort the files by their number of tests): the slowest files go first so that no worker is left
+# running one long file while the other idles (the first nine take 50-260 s each on the 2-core AVX2 box, 3/4 of the
+# suite's time; order from `pytest --durations=0`, 2026-12-07).
+SLOW_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_vllm.py", "test_benchmarks.py", "test_sweep.py",
+                    "test_preflight.py", "test_stages.py", "test_merging.py", "test_report.py", "test_plan.py",
+                    "test_guards.py", "test_e2e.py")
 
 
 def pytest_collection_modifyitems(items):
