@@ -317,10 +317,16 @@ def test_a_good_config_passes_and_counts_parameters(tmp_path, tiny_model_path):
 
 
 def test_smollm2_parameters_from_the_gguf_before_it_is_built(tmp_path):
-    """An empty cache: the count comes from the GGUF's metadata (3 s), not from building the 135M model."""
+    """An empty cache: the count comes from the GGUF's metadata (~10 s on a 2-core box), not from building the 135M
+    model; the GGUF is read once per process (the plan asks again) and every caller gets its own copy."""
     cfg = load_config(None, ["model.name=embedded:smollm2-135m", f"model.cache_dir={tmp_path / 'cache'}"])
     assert preflight.check_model(cfg) == 134_515_008
     assert not (tmp_path / "cache").exists()
+    reads = preflight._gguf_config.cache_info().misses
+    mine = preflight._embedded_config(cfg)
+    assert mine.hidden_size == 576 and preflight._gguf_config.cache_info().misses == reads  # not read again
+    mine.hidden_size = 1
+    assert preflight._embedded_config(cfg).hidden_size == 576
 
 
 # ------------------------------------------------------------------------------------------------- run folder
