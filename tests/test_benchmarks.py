@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,34 @@ def test_merge(results, tiny_model_path):
         assert r["stream_vs_in_memory_max_abs_diff"] <= (1e-6 if r["dtype"] == "float32" else 1e-2)
     assert rows[1]["model_bytes"] == 8 * 256 * 256 * 4
     assert rows[3]["model_bytes"] == 8 * 256 * 256 * 2
+
+
+def test_merge_ab(results, tmp_path):
+    """Two kernel sources timed in the same rounds: here the repository's kernel against a copy of itself (one
+    build, shared through the cache), so both write the same bits, and each row carries both builds' times and
+    ratios; a missing source is refused before anything is built."""
+    import shutil
+
+    from benchmarks import merge_ab
+    from warp_dist import native
+
+    if native.unavailable():
+        pytest.skip(f"the native kernel cannot be built here: {native.unavailable()}")
+    base = shutil.copy(native.SOURCE, tmp_path / "baseline.cpp")
+    out = results / "merge_ab.json"
+    res = check_written(merge_ab.main(["--size", "tiny", "--baseline", str(base), "--out", str(out)]), out, "merge_ab")
+    assert [(r["dtype"], r["M"], r["sft"]) for r in res["rows"]] == [("float32", 2, True), ("bfloat16", 2, True)]
+    for r in res["rows"]:
+        assert r["same_bits"] is True
+        assert len(r["baseline_times_s"]) == len(r["candidate_times_s"]) == len(r["copy_times_s"]) == 3
+        for k in ("copy_gbps", "baseline_s", "candidate_s", "baseline_over_copy_bandwidth",
+                  "candidate_over_copy_bandwidth", "candidate_over_baseline_time"):
+            assert positive(r[k]), (k, r[k])
+        ratios = sorted(c / b for c, b in zip(r["candidate_times_s"], r["baseline_times_s"], strict=True))
+        assert r["candidate_over_baseline_time"] == pytest.approx(ratios[1], rel=1e-12)
+    assert native.SOURCE == Path(merge_ab.ROOT / "warp_dist" / "merge_kernel.cpp")  # restored for later callers
+    with pytest.raises(SystemExit, match="--baseline: .* is not a file"):
+        merge_ab.main(["--size", "tiny", "--baseline", str(tmp_path / "missing.cpp")])
 
 
 @pytest.mark.slow  # 2 policies x 2 layouts of real ranks; the same topology is tested in test_distributed

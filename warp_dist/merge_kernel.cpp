@@ -18,9 +18,14 @@
 // (GCC/Clang vector extensions; wider vectors than the registers spilled the Gram accumulators on AVX2 and made its
 // merge 3-4x slower): fp32, elements i..i+V-1 and i+V..i+2V-1; bf16, one 4V-byte load whose 32-bit lanes hold two
 // elements each, split by a shift and a mask into the even and the odd elements (no shuffles), and stored back by
-// the same pairing. Outputs of tensors of at least STREAM_MIN_BYTES are written with non-temporal stores where the
-// CPU has AVX (or AVX-512), the outputs are 64-byte aligned and one step writes whole 64-byte lines (on AVX2 fp32
-// only: bf16's half-line stores made it slower), so no output line is read before it is written.
+// the same pairing (the two halves rounded and put back together by one 16-bit blend where the CPU has one).
+// The Gram products of a block go one group of rows at a time, each group as many pairs as fit in the registers
+// with the rows they read (AVX2, 16 registers: the 6 pairs of M = 2 with the SFT row in one group, the 15 of M = 4
+// with it in two), one half-step's rows live at a time: with more, the compiler spilled accumulators to the stack,
+// each then a load-FMA-store chain per step. Each pair still adds the same products in the same order.
+// Outputs of tensors of at least STREAM_MIN_BYTES are written with non-temporal stores where the CPU has AVX (or
+// AVX-512), the outputs are 64-byte aligned and one step writes whole 64-byte lines (on AVX2 fp32 only: bf16's
+// half-line stores made it slower), so no output line is read before it is written.
 #include <omp.h>
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
@@ -87,12 +92,39 @@ inline Two load(const void* p, int64_t i) {
   return t;
 }
 
+// One half of load<BF>(p, i): h = 0 its a, h = 1 its b
+template <int BF>
+inline vf load_half(const void* p, int64_t i, int h) {
+  vf r;
+  if (!BF) {
+    std::memcpy(&r, static_cast<const float*>(p) + i + h * V, sizeof(vf));
+  } else {
+    vu u;
+    std::memcpy(&u, static_cast<const uint16_t*>(p) + i, sizeof u);
+    r = h ? bits<vf>(vu(u & 0xFFFF0000u)) : bits<vf>(vu(u << 16));
+  }
+  return r;
+}
+
 // v rounded to bf16 (nearest even) in the high half of each lane. A NaN lane stays NaN without a test: it is a bf16
 // input's NaN carried through the arithmetic (low half zero, so adding 0x7FFF or 0x8000 cannot carry into the high
 // half) or the CPU's default NaN of inf - inf / 0 * inf (0xFFC00000, the same)
 inline vu round_bf16(vf v) {
   const vu u = bits<vu>(v);
   return u + 0x7FFFu + ((u >> 16) & 1u);
+}
+
+// a's and b's lanes rounded to bf16 and paired back into 32-bit lanes: a's in the low halves, b's in the high ones
+// (one 16-bit blend where the CPU has one, else a shift, a mask and an or)
+inline vu pack_bf16(vf a, vf b) {
+  const vu lo = round_bf16(a) >> 16, hi = round_bf16(b);
+#if defined(__AVX512BW__)
+  return bits<vu>(_mm512_mask_blend_epi16(0xAAAAAAAAu, bits<__m512i>(lo), bits<__m512i>(hi)));
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+  return bits<vu>(_mm256_blend_epi16(bits<__m256i>(lo), bits<__m256i>(hi), 0xAA));
+#else
+  return lo | (hi & 0xFFFF0000u);
+#endif
 }
 
 template <int BF, int NT>
@@ -116,7 +148,7 @@ inline void store(void* p, int64_t i, const Two& t) {
     std::memcpy(q + V, &t.b, sizeof(vf));
     return;
   }
-  const vu w = (round_bf16(t.a) >> 16) | (round_bf16(t.b) & 0xFFFF0000u);
+  const vu w = pack_bf16(t.a, t.b);
   uint16_t* q = static_cast<uint16_t*>(p) + i;
 #if defined(__AVX512F__)
   if (NT) return _mm512_stream_si512(reinterpret_cast<__m512i*>(q), bits<__m512i>(w));
@@ -192,28 +224,54 @@ Streams padded(const void* x, const void* const* ps, const void* f, int64_t full
   return s;
 }
 
-// The K rows of one step, and every pair's products added to its accumulator
-template <int BF, int R, int F>
+// Registers for one group's Gram accumulators and the rows it reads (the other two: x and the bf16 mask). More
+// than this spilled accumulators to the stack, and a spilled accumulator is a chain of load, FMA and store per step.
+#if defined(__AVX512F__)
+constexpr int GRAM_REGS = 32 - 2;
+#elif defined(__AVX__)
+constexpr int GRAM_REGS = 16 - 2;
+#else
+constexpr int GRAM_REGS = 16 / 2 - 2;  // SSE: a vector is two of its 16 registers
+#endif
+
+// The number of pairs (u, v), v >= u, with u in [u0, u1)
+constexpr int pairs_of(int K, int u0, int u1) { return u1 <= u0 ? 0 : (K - u0) + pairs_of(K, u0 + 1, u1); }
+
+// The end of the group of rows u0.. : as many rows as fit their accumulators and the rows they read in GRAM_REGS
+constexpr int group_end(int K, int u0) {
+  int u1 = u0 + 1;
+  while (u1 < K && pairs_of(K, u0, u1 + 1) + (K - u0) <= GRAM_REGS) ++u1;
+  return u1;
+}
+
+// One step's products of the pairs (u, v) with u in [U0, U1), v >= u, each added to its accumulator (acc holds the
+// group's pairs in the upper triangle's row-major order); only rows U0.. are formed
+template <int BF, int R, int F, int U0, int U1>
 inline void gram_step(const void* x, const void* const* ps, const void* f, int64_t i, vf* acc) {
-  constexpr int K = R + F;
-  vf ra[K], rb[K];
-  const Two base = load<BF>(x, i);
-  for (int q = 0; q < R; ++q) {
-    const Two p = load<BF>(ps[q], i);
-    ra[q] = p.a - base.a;
-    rb[q] = p.b - base.b;
+  constexpr int K = R + F, N = K - U0;
+  // the a half's rows and products, then the b half's (loaded again, from L1): only one half's rows live at once
+  for (int h = 0; h < 2; ++h) {
+    vf r[N];
+    const vf base = load_half<BF>(x, i, h);
+    for (int q = U0; q < R; ++q) r[q - U0] = load_half<BF>(ps[q], i, h) - base;
+    if (F) r[R - U0] = base - load_half<BF>(f, i, h);
+    for (int u = 0, q = 0; u < U1 - U0; ++u)
+      for (int v = u; v < N; ++v, ++q) acc[q] = fma(r[u], r[v], acc[q]);
   }
-  if (F) {
-    const Two s = load<BF>(f, i);
-    ra[R] = base.a - s.a;
-    rb[R] = base.b - s.b;
-  }
-  // each accumulator takes its a product, then its b product; the a half's products all come first, so fewer rows
-  // are live at once (what spilled registers on AVX2)
-  for (int u = 0, q = 0; u < K; ++u)
-    for (int v = u; v < K; ++v, ++q) acc[q] = fma(ra[u], ra[v], acc[q]);
-  for (int u = 0, q = 0; u < K; ++u)
-    for (int v = u; v < K; ++v, ++q) acc[q] = fma(rb[u], rb[v], acc[q]);
+}
+
+// The Gram sums of one block, one group of rows after another (the block's inputs stay in L1 between groups): each
+// pair's products in the same order as in one loop, its block sum added to its fp64 total
+template <int BF, int R, int F, int U0>
+inline void gram_block(int64_t s, int64_t full, const void* x, const void* const* ps, const void* f,
+                       const Streams* tail, vd* total) {
+  constexpr int K = R + F, U1 = group_end(K, U0), G = pairs_of(K, U0, U1), Q = pairs_of(K, 0, U0);
+  vf acc[G];
+  for (int q = 0; q < G; ++q) acc[q] = vf{};
+  for (int64_t i = s; i < full; i += STEP) gram_step<BF, R, F, U0, U1>(x, ps, f, i, acc);
+  if (tail) gram_step<BF, R, F, U0, U1>(tail->x, tail->ps, tail->f, 0, acc);  // zero rows add nothing
+  for (int q = 0; q < G; ++q) total[Q + q] += widen_sum(acc[q]);
+  if constexpr (U1 < K) gram_block<BF, R, F, U1>(s, full, x, ps, f, tail, total);
 }
 
 // The Gram partials of elements [a, b) (a a multiple of BLOCK) into sums (upper triangle, row after row)
@@ -224,15 +282,13 @@ void gram_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, cons
   for (int q = 0; q < P; ++q) total[q] = vd{};
   for (int64_t s = a; s < b; s += BLOCK) {
     const int64_t e = std::min<int64_t>(b, s + BLOCK), full = s + (e - s) / STEP * STEP;
-    vf acc[P];
-    for (int q = 0; q < P; ++q) acc[q] = vf{};
-    for (int64_t i = s; i < full; i += STEP) gram_step<BF, R, F>(x, ps, f, i, acc);
-    if (full < e) {  // zero rows add nothing
+    if (full < e) {
       alignas(64) unsigned char buf[R + 2][STEP * 4];
       const Streams t = padded<BF, R>(x, ps, f, full, e, buf);
-      gram_step<BF, R, F>(t.x, t.ps, t.f, 0, acc);
+      gram_block<BF, R, F, 0>(s, full, x, ps, f, &t, total);
+    } else {
+      gram_block<BF, R, F, 0>(s, full, x, ps, f, nullptr, total);
     }
-    for (int q = 0; q < P; ++q) total[q] += widen_sum(acc[q]);
   }
   for (int q = 0; q < P; ++q) {
     double t = 0;
@@ -241,11 +297,14 @@ void gram_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, cons
   }
 }
 
-// theta_slerp and the next theta_init of V elements
-template <int R, int LOW>
-inline void out_half(vf base, const vf* p, const float* cf, float eta, vf& o, vf& nx) {
-  vf acc = cf[0] * (p[0] - base);
-  for (int q = 1; q < R; ++q) acc += cf[q] * (p[q] - base);
+// theta_slerp and the next theta_init of one half (h) of a step: each policy's half loaded (again) as its term is
+// added, so only the sum and one input are live (not every policy's two halves: what spilled on AVX2 for M = 4)
+template <int BF, int R, int LOW>
+inline void out_half(const void* x, const void* const* ps, const float* cf, float eta, int64_t i, int h, vf& o,
+                     vf& nx) {
+  const vf base = load_half<BF>(x, i, h);
+  vf acc = cf[0] * (load_half<BF>(ps[0], i, h) - base);
+  for (int q = 1; q < R; ++q) acc += cf[q] * (load_half<BF>(ps[q], i, h) - base);
   o = base + acc;
   const vf diff = o - base;
   nx = LOW ? base + eta * diff : o - diff * (1.0f - eta);
@@ -254,24 +313,21 @@ inline void out_half(vf base, const vf* p, const float* cf, float eta, vf& o, vf
 template <int BF, int R, int LOW, int NT>
 inline void out_step(const void* x, const void* const* ps, const float* cf, float eta, int64_t i, void* out,
                      void* nxt) {
-  const Two base = load<BF>(x, i);
-  vf pa[R], pb[R];
-  for (int q = 0; q < R; ++q) {
-    const Two p = load<BF>(ps[q], i);
-    pa[q] = p.a;
-    pb[q] = p.b;
-  }
   Two o, nx;
-  out_half<R, LOW>(base.a, pa, cf, eta, o.a, nx.a);
-  out_half<R, LOW>(base.b, pb, cf, eta, o.b, nx.b);
+  out_half<BF, R, LOW>(x, ps, cf, eta, i, 0, o.a, nx.a);
+  out_half<BF, R, LOW>(x, ps, cf, eta, i, 1, o.b, nx.b);
   store<BF, NT>(out, i, o);
   store<BF, NT>(nxt, i, nx);
 }
 
 // theta_slerp and the next theta_init for elements [a, b)
 template <int BF, int R, int LOW, int NT>
-void out_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, const float* cf, float eta, void* out,
-               void* nxt) {
+void out_sweep(int64_t a, int64_t b, const void* x, const void* const* ps_in, const float* cf_in, float eta,
+               void* out, void* nxt) {
+  // local copies, which the stores cannot alias: no reload of the pointers and coefficients per step
+  const void* ps[R];
+  float cf[R];
+  for (int q = 0; q < R; ++q) ps[q] = ps_in[q], cf[q] = cf_in[q];
   const int64_t full = a + (b - a) / STEP * STEP;
   for (int64_t i = a; i < full; i += STEP) out_step<BF, R, LOW, NT>(x, ps, cf, eta, i, out, nxt);
 #if defined(__AVX512F__) || defined(__AVX__)
