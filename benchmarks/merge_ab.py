@@ -58,6 +58,12 @@ def parse_args(argv):
         raise SystemExit(f"--dtypes: unknown {bad}; allowed float32, bfloat16")
     if args.rounds < 1:
         raise SystemExit(f"--rounds: {args.rounds}; needs at least 1")
+    ms = common.int_list(args.policies)
+    if not ms or any(not 1 <= m <= 8 for m in ms):
+        raise SystemExit(f"--policies: {args.policies}; allowed 1..8 (the kernel's policies per call)")
+    for k in ("hidden", "intermediate", "kv", "layers", "vocab"):
+        if getattr(args, k) < 1:
+            raise SystemExit(f"--{k}: {getattr(args, k)}; needs at least 1")
     return args
 
 
@@ -73,12 +79,16 @@ def shapes(args) -> list[tuple[int, ...]]:
     return [(args.vocab, h)] + layer * args.layers + [(h,)]
 
 
-def kernel(source: str):
-    """The ctypes function of `source`, built (or found in the cache) by warp_dist.native."""
+def kernel(flag: str, source: str):
+    """The ctypes function of `source`, built (or found in the cache) by warp_dist.native; one line if it does not
+    build."""
     from warp_dist import native
 
     native.SOURCE, native._FN = Path(source), None
-    return native.load()
+    try:
+        return native.load()
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"--{flag}: {source}: {e}") from None
 
 
 def measure(fns: dict, dt, M: int, args, g) -> dict:
@@ -140,7 +150,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"merge_ab: the native kernel cannot be built here: {why}")
     keep = native.SOURCE
     try:
-        fns = {"baseline": kernel(args.baseline), "candidate": kernel(args.candidate)}
+        fns = {k: kernel(k, getattr(args, k)) for k in ("baseline", "candidate")}
     finally:
         native.SOURCE, native._FN = keep, None
     g = torch.Generator().manual_seed(args.seed)

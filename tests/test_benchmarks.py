@@ -119,7 +119,7 @@ def test_merge(results, tiny_model_path):
 def test_merge_ab(results, tmp_path):
     """Two kernel sources timed in the same rounds: here the repository's kernel against a copy of itself (one
     build, shared through the cache), so both write the same bits, and each row carries both builds' times and
-    ratios; a missing source is refused before anything is built."""
+    ratios; a missing source and more policies than the kernel takes are refused before anything is built."""
     import shutil
 
     from benchmarks import merge_ab
@@ -142,6 +142,8 @@ def test_merge_ab(results, tmp_path):
     assert native.SOURCE == Path(merge_ab.ROOT / "warp_dist" / "merge_kernel.cpp")  # restored for later callers
     with pytest.raises(SystemExit, match="--baseline: .* is not a file"):
         merge_ab.main(["--size", "tiny", "--baseline", str(tmp_path / "missing.cpp")])
+    with pytest.raises(SystemExit, match=r"--policies: 9; allowed 1\.\.8"):
+        merge_ab.main(["--size", "tiny", "--baseline", str(base), "--policies", "9"])
 
 
 @pytest.mark.slow  # 2 policies x 2 layouts of real ranks; the same topology is tested in test_distributed

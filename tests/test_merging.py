@@ -686,6 +686,7 @@ def test_native_kernel_reports_a_failed_build_in_one_line(tmp_path, monkeypatch)
     monkeypatch.setattr(native, "SOURCE", bad)
     why = native.unavailable()
     assert why.startswith("merge.kernel=native: building merge_kernel.cpp with ") and "\n" not in why, why
+    assert "error" in why.split(" failed: ", 1)[1], why  # the compiler's error line, not its caret or its count
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing half-written
 
 

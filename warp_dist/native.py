@@ -81,8 +81,10 @@ def build(cxx: str, dest: Path) -> None:
         cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp, f"-L{libdir}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"merge.kernel=native: building {SOURCE.name} with {cxx} failed: {last}")
+            lines = [x.strip() for x in done.stderr.splitlines() if x.strip()] or ["no output"]
+            # the compiler's first error (its last line is often a caret or a count of errors)
+            first = next((x for x in lines if "error" in x.lower()), lines[-1])
+            raise RuntimeError(f"merge.kernel=native: building {SOURCE.name} with {cxx} failed: {first}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
