@@ -77,22 +77,9 @@ inline To bits(const From& v) {
   return r;
 }
 
-template <int BF>
-inline Two load(const void* p, int64_t i) {
-  Two t;
-  if (!BF) {
-    std::memcpy(&t.a, static_cast<const float*>(p) + i, sizeof(vf));
-    std::memcpy(&t.b, static_cast<const float*>(p) + i + V, sizeof(vf));
-  } else {  // little-endian: element i + 2l in the low half of lane l, i + 2l + 1 in its high half
-    vu u;
-    std::memcpy(&u, static_cast<const uint16_t*>(p) + i, sizeof u);
-    t.a = bits<vf>(vu(u << 16));
-    t.b = bits<vf>(vu(u & 0xFFFF0000u));
-  }
-  return t;
-}
-
-// One half of load<BF>(p, i): h = 0 its a, h = 1 its b
+// One half of the step at element i: h = 0 its a, h = 1 its b (Two's halves). fp32: elements i + hV .. i + hV + V - 1;
+// bf16, little-endian: element i + 2l sits in the low half of lane l, i + 2l + 1 in its high half, so a holds the
+// even elements, b the odd ones
 template <int BF>
 inline vf load_half(const void* p, int64_t i, int h) {
   vf r;
@@ -286,7 +273,7 @@ void gram_sweep(int64_t a, int64_t b, const void* x, const void* const* ps, cons
       alignas(64) unsigned char buf[R + 2][STEP * 4];
       const Streams t = padded<BF, R>(x, ps, f, full, e, buf);
       gram_block<BF, R, F, 0>(s, full, x, ps, f, &t, total);
-    } else {
+    } else {  // a separate call with a null tail: the compiler drops the tail's step from the common path
       gram_block<BF, R, F, 0>(s, full, x, ps, f, nullptr, total);
     }
   }
