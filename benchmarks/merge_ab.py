@@ -34,6 +34,8 @@ PRESETS = {
     "cpu": dict(hidden=576, intermediate=1536, kv=192, layers=30, vocab=49152, policies="2,4", rounds=11),
     "gpu": dict(hidden=576, intermediate=1536, kv=192, layers=30, vocab=49152, policies="2,4", rounds=11),
 }
+SHAPE = {"hidden": "hidden size", "intermediate": "MLP width", "kv": "k/v projection rows", "layers": "decoder layers",
+         "vocab": "embedding rows"}  # the decoder's size flags, with their help
 COLUMNS = ["dtype", "M", "SFT row", "model MB", "copy GB/s", "baseline ms", "baseline / copy", "candidate ms",
            "candidate / copy", "candidate / baseline time", "same bits"]
 
@@ -47,8 +49,8 @@ def parse_args(argv):
     ap.add_argument("--policies", default=None, help="comma list of M values, e.g. 2,4")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (medians over them)")
     ap.add_argument("--no-sft", action="store_true", help="merge without the SFT row (the first iteration)")
-    for k in ("hidden", "intermediate", "kv", "layers", "vocab"):
-        ap.add_argument(f"--{k}", type=int, default=None, help=argparse_help(k))
+    for k, what in SHAPE.items():
+        ap.add_argument(f"--{k}", type=int, default=None, help=what)
     args = common.apply_preset(ap.parse_args(argv), PRESETS)
     for flag in ("baseline", "candidate"):
         if not Path(getattr(args, flag)).is_file():
@@ -61,15 +63,10 @@ def parse_args(argv):
     ms = common.int_list(args.policies)
     if not ms or any(not 1 <= m <= 8 for m in ms):
         raise SystemExit(f"--policies: {args.policies}; allowed 1..8 (the kernel's policies per call)")
-    for k in ("hidden", "intermediate", "kv", "layers", "vocab"):
+    for k in SHAPE:
         if getattr(args, k) < 1:
             raise SystemExit(f"--{k}: {getattr(args, k)}; needs at least 1")
     return args
-
-
-def argparse_help(key: str) -> str:
-    return {"hidden": "hidden size", "intermediate": "MLP width", "kv": "k/v projection rows",
-            "layers": "decoder layers", "vocab": "embedding rows"}[key]
 
 
 def shapes(args) -> list[tuple[int, ...]]:
@@ -145,10 +142,7 @@ def main(argv=None) -> dict:
 
     from warp_dist import native
 
-    why = native.unavailable()
-    if why:
-        raise SystemExit(f"merge_ab: the native kernel cannot be built here: {why}")
-    keep = native.SOURCE
+    keep = native.SOURCE  # kernel() builds each source (one line, naming its flag, where it cannot be built)
     try:
         fns = {k: kernel(k, getattr(args, k)) for k in ("baseline", "candidate")}
     finally:
@@ -157,7 +151,7 @@ def main(argv=None) -> dict:
     rows = [measure(fns, getattr(torch, d.strip()), M, args, g)
             for d in args.dtypes.split(",") if d.strip() for M in common.int_list(args.policies)]
     res = {"config": {"baseline": args.baseline, "candidate": args.candidate, "rounds": args.rounds,
-                      "shapes": {k: getattr(args, k) for k in ("hidden", "intermediate", "kv", "layers", "vocab")},
+                      "shapes": {k: getattr(args, k) for k in SHAPE},
                       "torch_threads": torch.get_num_threads()},
            "rows": rows}
     table = [[r["dtype"], r["M"], "yes" if r["sft"] else "no", common.fmt(r["model_bytes"] / common.MB),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -139,7 +138,7 @@ def test_merge_ab(results, tmp_path):
             assert positive(r[k]), (k, r[k])
         ratios = sorted(c / b for c, b in zip(r["candidate_times_s"], r["baseline_times_s"], strict=True))
         assert r["candidate_over_baseline_time"] == pytest.approx(ratios[1], rel=1e-12)
-    assert native.SOURCE == Path(merge_ab.ROOT / "warp_dist" / "merge_kernel.cpp")  # restored for later callers
+    assert native.SOURCE == merge_ab.ROOT / "warp_dist" / "merge_kernel.cpp"  # restored for later callers
     with pytest.raises(SystemExit, match="--baseline: .* is not a file"):
         merge_ab.main(["--size", "tiny", "--baseline", str(tmp_path / "missing.cpp")])
     with pytest.raises(SystemExit, match=r"--policies: 9; allowed 1\.\.8"):
