@@ -50,27 +50,31 @@ install: $(STAMP)
 # (runs/sft-<hash>, runs/reward_model-<hash>): a second `make demo` skips them.
 DEMO_OUT ?= runs/demo
 DEMO_BETAS ?= 0.05,0.2
-DEMO_STEPS ?= 10
 DEMO_ETAS ?= 0,0.2,...,1
 # the baselines run side by side, each on its share of the cores (1 = one after the other; at most the cores)
 DEMO_PARALLEL ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 2 || echo 1)
-# compute dtype of WARP and the baselines. float32: a bf16 demo (DEMO_DTYPE=bfloat16, fp32 master weights; only
-# for CPUs with AVX512-BF16/AMX and GPUs) ran 1.6x faster on a 2-core Xeon but its WARP - SFT reward gain was
-# smaller twice (README, "Benchmarks"). auto: bfloat16 where the CPU has AVX512-BF16/AMX or the GPU bf16, else
-# float32. Saved model folders stay fp32 (the eta-grid evaluation interpolates them).
-DEMO_DTYPE ?= float32
+# compute dtype and steps per iteration of WARP and the baselines (launch/demo_settings.py). auto: bfloat16 (fp32
+# master weights) where the CPU has AVX512-BF16/AMX or the GPU bf16, else float32; steps auto: 10 in float32, 13 in
+# bfloat16, which matched fp32's 10-step reward gain within the seeds' spread in ~0.8x the time (README, "bf16
+# quality"). DEMO_DTYPE=float32 DEMO_STEPS=10 is the setting whose numbers reproduce on any box. Saved model folders
+# stay fp32 (the eta-grid evaluation interpolates them).
+DEMO_DTYPE ?= auto
+DEMO_STEPS ?= auto
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
+	@settings=$$($(BIN)/python launch/demo_settings.py --dtype $(DEMO_DTYPE) --steps $(DEMO_STEPS)) && \
+		echo "make demo: $$settings"
 	$(BIN)/python launch/sft.py --config configs/sft.yaml $(SFT_ARGS)
 	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
 	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
 	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
-	stages="model.name=$$sft model.dtype=$(DEMO_DTYPE) save_dtype=float32 reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
+	settings=$$($(BIN)/python launch/demo_settings.py --dtype $(DEMO_DTYPE) --steps $(DEMO_STEPS)) && \
+	stages="model.name=$$sft $$settings save_dtype=float32 reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
-		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true train.steps=$(DEMO_STEPS) $$stages $(ARGS) && \
+		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true $$stages $(ARGS) && \
 	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
-		--parallel $(DEMO_PARALLEL) --out $(DEMO_OUT)/baselines train.steps=$(DEMO_STEPS) progress=false eval.reuse_from=$(DEMO_OUT) $$stages
+		--parallel $(DEMO_PARALLEL) --out $(DEMO_OUT)/baselines progress=false eval.reuse_from=$(DEMO_OUT) $$stages
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install

@@ -7,7 +7,7 @@ naive:    benchmarks/naive.py `NaiveWarp.step` — HF `generate`, fp32, full-seq
           copy, `loss.backward()`, plain AdamW, EMA update (what a user writes with transformers in an afternoon).
 project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
           backend), `fp32-vllm`, `bf16-vllm` (bf16 autocast compute with fp32 master weights and EMA, vLLM rollouts:
-          the demo's setting). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
+          the demo's setting on a CPU with bf16 instructions; fp32-vllm is it elsewhere). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
           one after the other, each in a fresh `python` process (--in-process: all in this one; an earlier run's
           engines and allocator state then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s
           alone); every step samples exactly --new-tokens tokens (min = max) so the work per step is fixed.

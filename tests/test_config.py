@@ -209,3 +209,29 @@ def test_model_dtype_auto_is_made_concrete_for_this_machine():
     assert config_from_dict(cfg.to_dict()).model.dtype == expected
     assert config_from_dict({"model": {"dtype": "auto"}, "cpu": True}).model.dtype == expected
     assert "auto" in _err(["model.dtype=int8"])
+
+
+def test_demo_settings_pick_dtype_and_steps_and_refuse_bad_values():
+    """make demo's overrides (launch/demo_settings.py): auto resolves as model.dtype=auto does (no CUDA in CI) and
+    takes that dtype's steps; explicit values pass through; a bad DEMO_DTYPE / DEMO_STEPS ends in one line naming it."""
+    from warp_dist.config import resolve_dtype
+
+    def run(*args):
+        return subprocess.run([sys.executable, "launch/demo_settings.py", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+
+    dtype = resolve_dtype("auto")
+    res = run()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [f"model.dtype={dtype}", f"train.steps={ {'float32': 10, 'bfloat16': 13}[dtype]}"]
+    assert run("--dtype", "float32").stdout.split() == ["model.dtype=float32", "train.steps=10"]
+    assert run("--dtype", "bfloat16").stdout.split() == ["model.dtype=bfloat16", "train.steps=13"]
+    assert run("--dtype", "float32", "--steps", "25").stdout.split() == ["model.dtype=float32", "train.steps=25"]
+    for args, name in ((("--dtype", "float16"), "DEMO_DTYPE"), (("--steps", "0"), "DEMO_STEPS"),
+                       (("--steps", "ten"), "DEMO_STEPS")):
+        res = run(*args)
+        assert res.returncode == 2 and res.stdout == ""
+        assert len(res.stderr.strip().splitlines()) == 1 and name in res.stderr, res.stderr
+    # the overrides it prints load as a WARP config
+    cfg = load_config(TINY, run("--dtype", "bfloat16").stdout.split())
+    assert cfg.model.dtype == "bfloat16" and cfg.train.steps == 13
