@@ -63,13 +63,13 @@ DEMO_STEPS ?= auto
 SFT_ARGS ?=
 RM_ARGS ?=
 demo: install
-	@settings=$$($(BIN)/python launch/demo_settings.py --dtype $(DEMO_DTYPE) --steps $(DEMO_STEPS)) && \
+	@settings=$$($(BIN)/python launch/demo_settings.py --dtype "$(DEMO_DTYPE)" --steps "$(DEMO_STEPS)") && \
 		echo "make demo: $$settings"
 	$(BIN)/python launch/sft.py --config configs/sft.yaml $(SFT_ARGS)
 	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
 	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
 	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
-	settings=$$($(BIN)/python launch/demo_settings.py --dtype $(DEMO_DTYPE) --steps $(DEMO_STEPS)) && \
+	settings=$$($(BIN)/python launch/demo_settings.py --dtype "$(DEMO_DTYPE)" --steps "$(DEMO_STEPS)") && \
 	stages="model.name=$$sft $$settings save_dtype=float32 reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
 	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
 		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true $$stages $(ARGS) && \

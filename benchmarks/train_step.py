@@ -6,12 +6,13 @@
 naive:    benchmarks/naive.py `NaiveWarp.step` — HF `generate`, fp32, full-sequence logits, a full forward of an EMA
           copy, `loss.backward()`, plain AdamW, EMA update (what a user writes with transformers in an afternoon).
 project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
-          backend), `fp32-vllm`, `bf16-vllm` (bf16 autocast compute with fp32 master weights and EMA, vLLM rollouts:
-          the demo's setting on a CPU with bf16 instructions; fp32-vllm is it elsewhere). Every variant and the naive loop run the same prompts, reward and hyper-parameters,
-          one after the other, each in a fresh `python` process (--in-process: all in this one; an earlier run's
-          engines and allocator state then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s
-          alone); every step samples exactly --new-tokens tokens (min = max) so the work per step is fixed.
-          Step 1 of each is a warm-up; the table shows medians over the timed steps.
+          backend), `fp32-vllm` (the demo's setting on a CPU without bf16 instructions), `bf16-vllm` (bf16 autocast
+          compute with fp32 master weights and EMA, vLLM rollouts: the demo's setting on a CPU with them). Every
+          variant and the naive loop run the same prompts, reward and hyper-parameters, one after the other, each
+          in a fresh `python` process (--in-process: all in this one; an earlier run's engines and allocator state
+          then slowed later ones: bf16-vllm 4.5-5.1 s per step there, 3.6-3.8 s alone); every step samples exactly
+          --new-tokens tokens (min = max) so the work per step is fixed. Step 1 of each is a warm-up; the table
+          shows medians over the timed steps.
 Columns: generate / score (reward) / train (forward, anchor forward, backward, optimizer, EMA) / weight push (into
 the rollout engine; none for naive and HF) / step, tokens per second of the whole step, and step / naive step (the
 goal of the speed issue is <= 0.5x). Quality is checked by benchmarks/e2e.py (final rewards of a whole run).

@@ -29,7 +29,7 @@ def settings(dtype: str, steps: str) -> tuple[str, int]:
     resolved = resolve_dtype(dtype)
     if steps == "auto":
         return resolved, STEPS[resolved]
-    if not steps.isdigit() or int(steps) < 1:
+    if not (steps.isascii() and steps.isdigit()) or int(steps) < 1:
         raise ValueError(f"DEMO_STEPS: {steps!r} is not auto or a whole number >= 1")
     return resolved, int(steps)
 
