@@ -177,7 +177,7 @@ def evaluate(args, run: Path, cfg, grid: list[float], baselines: list) -> int:
     from warp_dist.weights import lerp_source
 
     # one "policy" over all ranks: evaluation shards batches over every rank whatever the run's M was
-    d = distmod.init(1, cfg.dist_timeout_s, cpu=cfg.cpu)
+    d = distmod.init(1, cfg.dist_timeout_s, cpu=cfg.cpu, phase_timeout_s=cfg.phase_timeout_s)
     try:
         quiet_libraries()
         # nothing is trained here: no DeepSpeed engine, and any train.batch_size the group accepts

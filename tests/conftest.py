@@ -51,8 +51,8 @@ _pin_xdist_worker()
 # running one long file while the other idles (the first nine take 50-260 s each on the 2-core AVX2 box, 3/4 of the
 # suite's time; order from `pytest --durations=0`, 2026-12-07).
 SLOW_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_vllm.py", "test_benchmarks.py", "test_sweep.py",
-                    "test_preflight.py", "test_stages.py", "test_merging.py", "test_report.py", "test_plan.py",
-                    "test_guards.py", "test_e2e.py")
+                    "test_preflight.py", "test_stages.py", "test_cuda_paths.py", "test_merging.py", "test_report.py",
+                    "test_plan.py", "test_guards.py", "test_e2e.py", "test_gpu.py")
 
 
 def pytest_collection_modifyitems(items):

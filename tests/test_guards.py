@@ -164,3 +164,39 @@ def test_nothing_moved_is_stopped_with_one_line(tmp_path, tiny_model_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: policy 0's task vector has norm 0.0: its training did not change the weights"), last
     assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
+def test_a_weight_write_that_is_not_pushed_makes_the_next_sample_refuse(tmp_path, tiny_model_path, monkeypatch):
+    """Every write to the policy weights (load, optimizer step, merge) bumps their version; the rollout engine is
+    labelled with the version it was pushed. Skip one push (the one after step 1's optimizer step): the next sample
+    is refused, naming where it was asked and the write that was not pushed. (Today's code bumped the version only
+    together with a push, so this guard could never fire.)"""
+    from warp_dist.config import config_from_dict
+    from warp_dist.rollout import StaleWeightsError
+    from warp_dist.trainer import Warp
+
+    cfg = config_from_dict({"output_dir": str(tmp_path), "progress": False,
+                            "data": {"num_train_prompts": 16, "num_eval_prompts": 4},
+                            "train": {"iterations": 1, "policies": 1, "steps": 3, "batch_size": 4}})
+    w = Warp(cfg, log=lambda *_: None)
+    try:
+        real, calls = w.push_weights, []
+
+        def skip_the_second():
+            calls.append(len(calls))
+            if len(calls) != 2:
+                real()
+
+        monkeypatch.setattr(w, "push_weights", skip_the_second)
+        with pytest.raises(StaleWeightsError, match=r"^iteration 1 policy 0 step 2: .* \(last written by an "
+                                                    r"optimizer step\): push the weights"):
+            w.train_policy(1, 0)
+        assert len(calls) == 2
+        monkeypatch.setattr(w, "push_weights", real)
+        w.push_weights()
+        w.sample(w.eval_prompts.ids, 0, list(range(len(w.eval_prompts))), "after a push")  # current again
+        w.policy.w.load_(w.sft.part, "a test's load")
+        with pytest.raises(StaleWeightsError, match="evaluation batch 0: .*a test's load"):
+            w.eval_batch(0)
+    finally:
+        w.close()

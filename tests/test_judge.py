@@ -88,8 +88,8 @@ def classifier(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def warp(tmp_path_factory, tiny_model_path, classifier):
-    """One trainer (building one costs ~10 s here, mostly the bundled reviews), first with the classifier as reward;
-    the vice-versa tests give it the reward and judge a VADER-reward config builds, with the trainer's own builders."""
+    """One trainer (building one costs ~10 s here, mostly the bundled reviews); each test gives it the reward and
+    judge its config builds, with the trainer's own builders (`_use`), so the tests do not depend on their order."""
     from warp_dist.trainer import Warp
 
     cfg = load_config(TINY, [*SMALL, f"output_dir={tmp_path_factory.mktemp('judge') / 'run'}",
@@ -121,7 +121,9 @@ def _evaluate(w):
 def test_classifier_reward_is_judged_by_vader(warp, classifier):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    assert warp.judge_name == "vader"  # as Warp.__init__ resolved it for reward.kind=classifier
+    # each test sets the reward and judge it needs (the tests share one trainer and may run in any order)
+    _use(warp, ["reward.kind=classifier", f"reward.name={classifier}"])
+    assert warp.judge_name == "vader"  # as Warp.__init__ resolves it for reward.kind=classifier
     res, full = _evaluate(warp)
     m = res.metrics
     assert m["judge"] == "vader" and len(res.judges) == m["num_prompts"] == 8

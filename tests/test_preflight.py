@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -209,13 +210,19 @@ def test_estimate_run_bytes_formula():
     assert preflight.estimate_run_bytes(n, 4, 2, 2, True, 1) > preflight.estimate_run_bytes(n, 2, 2, 2, True, 1)
 
 
-def test_disk_check_counts_the_old_run_as_free_with_overwrite(tmp_path):
-    """With overwrite the old run's files will be removed: a run that fits in free + old size passes."""
+def test_disk_check_counts_the_old_run_as_free_with_overwrite(tmp_path, monkeypatch):
+    """With overwrite the old run's files will be removed: a run that needs 2 KB more than the disk has free passes
+    when the old run it replaces holds 4 KB, and is refused without overwrite (the disk's free space is stood in)."""
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "overwrite=true"])
+    plain = load_config(TINY, [f"output_dir={tmp_path}"])
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "model.safetensors").write_bytes(b"\0" * 4096)
     assert preflight._tree_bytes(run_entries(tmp_path)) == 4096
+    need = preflight.disk_plan(plain, 1000)[0]
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _p: SimpleNamespace(free=need - 2048))
     preflight.check_disk(cfg, 1000)
+    with pytest.raises(preflight.PreflightError, match="free"):
+        preflight.check_disk(plain, 1000)
 
 
 # ------------------------------------------------------------------------------------------------- backends
@@ -501,3 +508,53 @@ def test_preflight_command_prints_the_disk_plan(tmp_path, tiny_model_path):
                                   f"{preflight.human_bytes(preflight.checkpoint_bytes(n, 2, 1))}) into "
                                   f"{tmp_path / 'run'}; "), proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ tensor-parallel vLLM engines
+QWEN = str(ROOT / "configs" / "models" / "qwen2.5-7b")
+
+
+def test_tensor_parallel_size_follows_the_setting_and_the_device():
+    from warp_dist.topology import tensor_parallel_problem, tensor_parallel_size
+
+    assert [tensor_parallel_size("auto", cuda, 4) for cuda in (True, False)] == [4, 1]
+    assert tensor_parallel_size("group", False, 2) == 2 and tensor_parallel_size("1", True, 8) == 1
+    assert tensor_parallel_size("group", True, 1) == 1
+    assert tensor_parallel_problem(4, 28, 4, 8) == ""  # Qwen2.5-7B, G = 4 on 8-GPU nodes
+    assert tensor_parallel_problem(8, 28, 4, 8) == "its 28 attention heads do not split over 8 ranks"
+    assert tensor_parallel_problem(2, 9, 3, 2) == "its 9 attention heads do not split over 2 ranks"  # SmolLM2
+    assert tensor_parallel_problem(4, 8, 2, 8) == ""  # 2 KV heads replicated over 4 ranks
+    assert tensor_parallel_problem(4, 12, 3, 8) == "its 3 KV heads cannot be replicated evenly over 4 ranks"
+    assert tensor_parallel_problem(4, 28, 4, 2) == "a group of 4 ranks does not fit the 2 ranks of a node"
+    assert tensor_parallel_problem(4, 28, 4, 6) == "a group of 4 ranks does not fit the 6 ranks of a node"
+
+
+@pytest.mark.parametrize("ranks,local,policies,problem", [
+    (16, 8, 2, "its 28 attention heads do not split over 8 ranks"),  # G = 8
+    (8, 2, 2, "a group of 4 ranks does not fit the 2 ranks of a node"),  # 4 nodes of 2 GPUs
+    (8, 8, 2, None),  # the 7B preset's layout: G = 4 on one 8-GPU node
+    (16, 8, 2, None),  # ... with tensor_parallel=1 (the last case's override)
+])
+def test_tensor_parallel_engine_is_checked_before_launch(tmp_path, monkeypatch, ranks, local, policies, problem):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    tp = "1" if (problem is None and ranks == 16) else "group"
+    cfg = load_config(TINY, [f"model.name={QWEN}", "rollout.backend=vllm", f"rollout.vllm.tensor_parallel={tp}",
+                             f"train.policies={policies}", f"output_dir={tmp_path}"])
+    if problem is None:
+        preflight.check_tensor_parallel(cfg, ranks)
+        return
+    with pytest.raises(preflight.PreflightError) as ei:
+        preflight.check_tensor_parallel(cfg, ranks)
+    msg = str(ei.value)
+    assert msg.startswith("rollout.vllm.tensor_parallel=group: one vLLM engine over each policy group of ")
+    assert problem in msg and "rollout.vllm.tensor_parallel=1" in msg and "\n" not in msg
+
+
+def test_smollm2_on_a_two_rank_tensor_parallel_group_is_one_line(tmp_path):
+    """SmolLM2-135M has 9 attention heads: a TP engine over 2 ranks is refused by launch/warp.py before any weights
+    load (vLLM failed inside every rank after the models were built)."""
+    line = one_line(launch(f"output_dir={tmp_path / 'run'}", "model.name=embedded:smollm2-135m", "train.policies=1",
+                           "rollout.backend=vllm", "rollout.vllm.tensor_parallel=group",
+                           env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0"}))
+    assert line.startswith("error: rollout.vllm.tensor_parallel=group: one vLLM engine over each policy group of 2 "
+                           "ranks, but its 9 attention heads do not split over 2 ranks (embedded:smollm2-135m)")

@@ -158,3 +158,36 @@ def test_resume_on_another_world_size_is_refused(tmp_path, tiny_model_path):
     p = launch(2, "launch/warp.py", *tiny(out, "checkpoint_every=1", "resume=true"))
     assert p.returncode != 0
     assert "resume: the checkpoint was written by 1 rank, this launch has 2: relaunch with --num_processes 1" in p.stderr
+
+
+class _RunsCode:
+    """Unpickling this would call os.system: what a checkpoint from elsewhere could do under weights_only=False."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_files_are_read_without_running_code(tmp_path):
+    """Resume reads optimizer.pt and rng.pt with weights_only=True (tensors, numbers, strings, containers): a file
+    holding any other object is refused in one line, and the RNG states still round-trip exactly."""
+    import numpy as np
+    import torch
+
+    from warp_dist import checkpoint
+    from warp_dist.guards import RunError
+
+    bad = tmp_path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _RunsCode()}, bad)
+    with pytest.raises(RunError, match=r"optimizer\.pt: holds more than tensors and plain values .*posix\.system"):
+        checkpoint.load_safe(bad)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # a cached Gaussian in NumPy's state
+    checkpoint.save_rng(tmp_path / "rng.pt")
+    draws = (random.random(), np.random.randn(), torch.rand(2).tolist())
+    random.random(), np.random.randn(), torch.rand(5)
+    checkpoint.load_rng(tmp_path / "rng.pt")
+    assert (random.random(), np.random.randn(), torch.rand(2).tolist()) == draws
+    sources = [p for p in (ROOT / "warp_dist").rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert not sources, sources

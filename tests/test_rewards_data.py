@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from warp_dist.config import DataConfig, RewardConfig
-from warp_dist.data import clean, load_prompts, make_prompts
+from warp_dist.data import clean, load_bundled_reviews, load_prompts, make_prompts
 from warp_dist.rewards import CallableReward, ClassifierReward, VaderReward, build_reward
 
 
@@ -227,3 +227,18 @@ def test_load_prompts_deterministic_and_seeded(prompts_seed0, data_cfg, tokenize
     tr3, ev3 = load_prompts(replace(data_cfg, seed=1), tokenizer)
     assert tr3.texts != tr.texts and ev3.texts != ev.texts
     assert len(tr3) == len(tr) and len(ev3) == len(ev)
+
+
+def test_eval_prompts_never_equal_a_train_prompt(data_cfg, tokenizer):
+    """Prompts of 2 tokens (the 7B preset's prompt_min_tokens): many reviews start alike ("This movie", "I have"), so
+    eval candidates equal to a train prompt token for token are skipped for the next review and counted; with
+    longer prompts none is skipped and the eval prompts are the ones drawn before this rule."""
+    short = replace(data_cfg, prompt_min_tokens=2, prompt_max_tokens=2, num_train_prompts=256, num_eval_prompts=64)
+    tr, ev = load_prompts(short, tokenizer)
+    assert len(ev) == 64 and ev.duplicates_skipped > 0
+    assert not {tuple(p) for p in ev.ids} & {tuple(p) for p in tr.ids}
+    tr8, ev8 = load_prompts(data_cfg, tokenizer)
+    texts = load_bundled_reviews(data_cfg.seed)
+    cut = min(len(texts) // 2, max(4 * 12, 12 + 64))
+    drawn = make_prompts(texts[:cut], tokenizer, 12, 6, 10, data_cfg.seed + 1)
+    assert ev8.duplicates_skipped == 0 and ev8.ids == drawn.ids

@@ -37,7 +37,12 @@ def test_one_warp_step_moves_smollm2_and_reward_is_scored(tmp_path, smol):
                             "rollout": {"max_new_tokens": 8},
                             "train": {"iterations": 1, "policies": 1, "steps": 2, "batch_size": 4, "lr": 1e-5}})
     w = Warp(cfg, log=lambda *_: None)
-    res = w.train_policy(w.sft_state, 1, 0)
-    assert all(abs(h["reward_mean"]) <= 1 for h in res.history)
-    diff = [k for k in res.state if not torch.equal(res.state[k], w.sft_state[k])]
-    assert len(diff) > 100
+    try:
+        res = w.train_policy(1, 0)
+        assert [r["step"] for r in res.history] == [1, 2]
+        assert all(abs(h["reward_mean"]) <= 1 for h in res.history)
+        sft, now = w.state_dict("sft"), w.state_dict()
+        diff = [k for k in now if not torch.equal(now[k], sft[k])]
+        assert len(diff) > 100
+    finally:
+        w.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+
+from .guards import RunError
 
 
 def _tmp_dir_for(path: Path) -> Path:
@@ -229,12 +232,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_rng(path: str | Path) -> None:
-    """Every RNG state of this process (torch CPU/CUDA, Python, NumPy), atomically."""
+    """Every RNG state of this process (torch CPU/CUDA, Python, NumPy), atomically, in types `load_safe` reads
+    (NumPy's key array as a tensor)."""
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     torch_save_atomic(state, path)
@@ -245,12 +251,32 @@ def load_rng(path: str | Path) -> None:
 
     import numpy as np
 
-    state = torch.load(str(path), weights_only=False)
+    state = load_safe(path)
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_safe(path: str | Path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a checkpoint folder from
+    elsewhere cannot run code on resume (a pickle can). A file that holds anything else is refused in one line."""
+    try:
+        return torch.load(str(path), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        import re
+
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        why = f" ({found.group(1)})" if found else ""
+        raise RunError(f"{path}: holds more than tensors and plain values{why}, refused by a weights_only load; a "
+                       "checkpoint written by another program, or by a warp_dist before 2026-12, cannot be resumed"
+                       ) from None
 
 
 def torch_save_atomic(obj, path: str | Path) -> Path:

@@ -64,8 +64,13 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for the engine
     kv_cache_space_gb: float = 0.0  # CPU KV cache in GiB; 0 = sized to the largest batch (train or eval)
     cpu_bind: str = "auto"  # CPU: VLLM_CPU_OMP_THREADS_BIND; auto = split cores between local ranks; "" = leave
-    enforce_eager: bool = True
+    # no CUDA graphs: auto (true on CPU, where vLLM has none; false on CUDA, where graphs make decoding faster) | true
+    # | false
+    enforce_eager: str = "auto"
     sleep_mode: bool = True  # CUDA only: sleep the engine during training steps
+    # ranks one engine spans: auto (group on CUDA, 1 on CPU) | group (one engine per policy group, tensor parallel
+    # over its G ranks, every rank of the group sampling the group's batch) | 1 (a whole engine on every rank)
+    tensor_parallel: str = "auto"
     max_model_len: int = 512  # upper bound; the engine is sized to prompt + max_new_tokens
     push: str = "auto"  # weights into the engine: auto (direct on vLLM-CPU when supported, else reload) | direct | reload
 
@@ -134,7 +139,11 @@ class WarpConfig:
     save_iterations: bool = False  # write iter_<i>/{init,policy_<m>,merged}
     log_every: int = 1
     progress: bool = True
-    dist_timeout_s: float = 600.0  # collective timeout: a stuck rank ends the job after this many seconds
+    dist_timeout_s: float = 600.0  # collective timeout of training: a stuck rank ends the job after this many seconds
+    # wait at phase boundaries: a fast policy group for a slow one before the merge, every rank for rank 0 writing
+    # final/, iter_<i>/, a checkpoint or the SFT copy. 0 = no limit (a dead rank still ends the job: the launcher
+    # stops the others)
+    phase_timeout_s: float = 7200.0
     cpu: bool = False  # force CPU even when CUDA is available
     # A folder holds one run. With neither flag, a launch into a folder that already holds a run is refused.
     resume: bool = False  # continue the run in output_dir from its last complete checkpoint (same config)
@@ -268,7 +277,11 @@ def resolve_dtype(name: str, cpu: bool = False) -> str:
     import torch
 
     if not cpu and torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        from .dist import local_gpu
+
+        gpu = local_gpu()  # this rank's own GPU (a query on the default one opens a context on GPU 0)
+        if gpu is not None:  # compute capability 8 (Ampere) and later compute bf16 natively
+            return "bfloat16" if torch.cuda.get_device_capability(gpu)[0] >= 8 else "float32"
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -325,6 +338,12 @@ def validate(c: WarpConfig) -> None:
     _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
     _check(ro.vllm.push in ("auto", "direct", "reload"), "rollout.vllm.push", "auto | direct | reload",
            ro.vllm.push)
+    _check(ro.vllm.enforce_eager in ("auto", "true", "false"), "rollout.vllm.enforce_eager", "auto | true | false",
+           ro.vllm.enforce_eager)
+    from .topology import TENSOR_PARALLEL
+
+    _check(ro.vllm.tensor_parallel in TENSOR_PARALLEL, "rollout.vllm.tensor_parallel", " | ".join(TENSOR_PARALLEL),
+           ro.vllm.tensor_parallel)
     _check(ro.vllm.kv_cache_space_gb >= 0, "rollout.vllm.kv_cache_space_gb", ">= 0 (0 = sized to the batch)",
            ro.vllm.kv_cache_space_gb)
     _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
@@ -342,6 +361,7 @@ def validate(c: WarpConfig) -> None:
            "log_with", "tensorboard | wandb | tensorboard,wandb | none", c.log_with)
     _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
     _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
+    _check(c.phase_timeout_s >= 0, "phase_timeout_s", ">= 0 seconds (0 = no limit)", c.phase_timeout_s)
     if c.resume and c.overwrite:
         raise ConfigError("resume=true and overwrite=true exclude each other: allowed one of them (resume continues "
                           "the run in output_dir, overwrite replaces it)")

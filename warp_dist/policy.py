@@ -4,7 +4,7 @@ A rank of a policy group of G ranks (G = W / M; G = 1 when ranks train several p
 
 | component | plain / DDP | DeepSpeed ZeRO-2 | DeepSpeed ZeRO-3 |
 |---|---|---|---|
-| policy weights (= fp32 master) | whole, fp32 | whole, fp32 (+ fp32 master partition 1/G) | 1/G, fp32 (the master itself) |
+| policy weights (+ fp32 master) | whole, fp32 | whole, fp32 (+ fp32 master partition 1/G) | 1/G, fp32 (+ fp32 master partition 1/G) |
 | gradients | whole, fp32 | 1/G, fp32 | 1/G, fp32 |
 | AdamW moments | whole, 2 x fp32 | 1/G, 2 x fp32 | 1/G, 2 x fp32 |
 | reference module (EMA anchor while training, SFT while evaluating) | whole, fp32 | whole, fp32 | 1/G, fp32 |
@@ -13,9 +13,11 @@ A rank of a policy group of G ranks (G = W / M; G = 1 when ranks train several p
 | rollout engine | `rollout/`: HF samples from the policy module itself; vLLM holds one compute-dtype copy per rank on CPU | | |
 
 Every weight, the EMA and theta_init are fp32 on every path. `model.dtype = bfloat16` is the *compute* dtype: forward
-and backward run under `torch.autocast` with fp32 weights (DeepSpeed's own bf16/fp16 modes are switched off, so
-ZeRO-3 keeps no second copy: its flat fp32 partitions are the weights and the optimizer's master at once). So task
-vectors, the EMA update and LITI are exact fp32 arithmetic whatever the compute dtype.
+and backward run under `torch.autocast` with fp32 weights (DeepSpeed's own bf16/fp16 modes are switched off). So task
+vectors, the EMA update and LITI are exact fp32 arithmetic whatever the compute dtype. DeepSpeed 0.19's ZeRO-3 still
+keeps its fp32 master as a separate partition (its test for reusing fp32 weights compares a torch.device with a
+string and never holds; with offload the master is on the offload device anyway): `Policy.begin` and `restore` copy
+the weights written into it, and the memory plan counts it in ZeRO-3's buffers.
 
 The reference module is one frozen copy used twice: it carries the EMA anchor during an RL phase (reset to theta_init
 at the start of each policy, moved by `ema_update_`) and is loaded with the SFT weights from disk for an evaluation,
@@ -45,6 +47,32 @@ def autocast(device: torch.device, compute_dtype: torch.dtype):
     if compute_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
+def autocast_inside(module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Make `module`'s own forward enter the compute-dtype autocast (hooks on the module), so a wrapper that switches
+    an outer autocast off cannot change the dtype it computes in.
+
+    Why: DeepSpeed's engine forward (0.19, `runtime/torch_autocast.autocast_if_enabled`) disables an outer autocast
+    that its config does not declare, and its test (`torch.is_autocast_enabled()` without a device) sees CUDA
+    autocast only: on GPUs the policy's loss forward under ZeRO ran in fp32 while the reference and the sampler ran in
+    bf16. Declaring `torch_autocast` in the DeepSpeed config instead would also make ZeRO-3 gather Linear weights in
+    bf16 (`comm_dtype`), and the gathered full weights are what the merge and the saved files read: task vectors
+    rounded to bf16. A no-op for fp32."""
+    if compute_dtype == torch.float32:
+        return
+    entered: list = []
+
+    def enter(_mod, _args):
+        ctx = torch.autocast(device_type=device.type, dtype=compute_dtype)
+        ctx.__enter__()
+        entered.append(ctx)
+
+    def leave(_mod, _args, _out):
+        entered.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 EAGER_MAX_TOKENS = 64  # auto picks eager attention up to this sequence length (bf16 on CPU)
@@ -91,6 +119,10 @@ class Weights:
         self.buffers = {k: v for k, v in module.state_dict().items()
                         if k not in self.aliases and id(v) not in params}
         self._keep = "logits_to_keep" in inspect.signature(module.forward).parameters
+        # every write to the weights bumps `version` (the rollout engine is labelled with the version it was pushed):
+        # sampling after a write that was not pushed is refused (RolloutBackend.generate); `last_write` names it
+        self.version = 0
+        self.last_write = "construction"
 
     # ------------------------------------------------------------------ this rank's share
     def local(self, name: str) -> torch.Tensor:
@@ -104,11 +136,42 @@ class Weights:
         return 0, self.numels[name]
 
     @torch.no_grad()
-    def load_(self, part: PartFn) -> None:
-        """Every parameter <- part(name, start, count) for this rank's span (no communication)."""
+    def load_(self, part: PartFn, what: str = "a load") -> None:
+        """Every parameter <- part(name, start, count) for this rank's span (under ZeRO-3 a collective inside the
+        policy group at the end: `written`)."""
         for name in self.names:
             start, count = self.span(name)
             self.local(name).copy_(part(name, start, count).to(self.local(name).dtype))
+        self.written(what)
+
+    def written(self, what: str, refresh: bool = True) -> None:
+        """Call after this rank's shares were changed in place: bumps `version`, and under ZeRO-3 refreshes the
+        persistent parameters' full copies (`refresh_persistent`; refresh=False where DeepSpeed did it, the step)."""
+        self.version += 1
+        self.last_write = what
+        if refresh:
+            self.refresh_persistent()
+
+    def persistent(self) -> list[torch.nn.Parameter]:
+        """ZeRO-3 parameters DeepSpeed keeps whole on every rank (numel <= stage3_param_persistence_threshold)."""
+        if not self.zero3:
+            return []
+        return [self.params[n] for n in self.names if getattr(self.params[n], "ds_persist", False)]
+
+    @torch.no_grad()
+    def refresh_persistent(self) -> None:
+        """Rebuild the full copies of persistent ZeRO-3 parameters from their partitions (a collective inside the
+        policy group; a no-op without ZeRO-3).
+
+        DeepSpeed gathers a persistent parameter (norms, biases) once and keeps it whole; only an optimizer step
+        re-gathers it. The partitions are the truth: after warp_dist writes them (theta_init, the EMA update, the
+        merge, an evaluation's weights) the whole copies would keep their old values (the EMA anchor's norms stayed
+        at their first values: kl_to_ema was 0.076 at the first step of iteration 2, where the policy and its anchor
+        are equal). Partitioning releases the stale copy; the gather rebuilds it from the partitions."""
+        ps = self.persistent()
+        if ps:
+            ps[0].partition(param_list=ps)
+            ps[0].all_gather(param_list=ps)
 
     @contextlib.contextmanager
     def gathered(self, name: str):
@@ -146,10 +209,12 @@ class Weights:
         return sum(tensor_bytes(self.local(n)) for n in self.names)
 
     # ------------------------------------------------------------------ forward
-    def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep) -> torch.Tensor:
+    def logits(self, module, ids: torch.Tensor, att: torch.Tensor, pos: torch.Tensor, keep,
+               outer_autocast: bool = True) -> torch.Tensor:
         """Logits of the last `keep` positions [B, keep, V], or of the positions in the 1-D tensor `keep` [B, len, V]
-        (only those are projected through the LM head when the model takes `logits_to_keep`)."""
-        with autocast(self.device, self.compute_dtype):
+        (only those are projected through the LM head when the model takes `logits_to_keep`). outer_autocast=False:
+        the module enters the compute dtype itself (`autocast_inside`)."""
+        with autocast(self.device, self.compute_dtype) if outer_autocast else contextlib.nullcontext():
             if self._keep:
                 out = module(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep, use_cache=False)
                 return out.logits
@@ -325,6 +390,7 @@ class Policy:
                 model=module, config=ds_conf, mpu=distmod.GroupMPU(d.group, d.solo),
                 model_parameters=[p for p in module.parameters() if p.requires_grad])
             module = self.engine.module
+            autocast_inside(module, d.device, compute_dtype)  # the engine forward may switch an outer autocast off
         elif d.group_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -350,17 +416,28 @@ class Policy:
     @torch.no_grad()
     def begin(self, init: InitStore) -> None:
         """Weights <- theta_init (this rank's share), optimizer state zeroed (a new policy)."""
-        self.w.load_(init.part)
+        self.w.load_(init.part, "the start of a policy (theta_init)")
         if self.kind == "deepspeed":
-            if self.stage in (1, 2):  # the optimizer's fp32 master partition is a separate copy: sync it
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                for n in self.w.names:
-                    safe_set_full_fp32_param(self.w.params[n], self.w.params[n].data)
+            self._sync_master()
             reset_optimizer_state(self.engine.optimizer.optimizer)
             self.engine.zero_grad()
         else:
             self.opt = make_adamw(self._trainable, self.tc.lr, self.tc.weight_decay)
+
+    def _sync_master(self) -> None:
+        """DeepSpeed: the optimizer's fp32 master <- the weights just written. ZeRO-1/2 keep a separate master
+        partition; ZeRO-3 does too when the optimizer or the parameters are offloaded (`offload_optimizer` /
+        `offload_param`: a clone on the offload device), and without it the next optimizer step would write the
+        previous policy's master back over theta_init. Without offload ZeRO-3's master is the partition itself
+        (the copy is onto the same memory)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for n in self.w.names:
+            p = self.w.params[n]
+            if self.stage == 3:
+                safe_set_local_fp32_param(p, p.ds_tensor.data)
+            elif self.stage in (1, 2):
+                safe_set_full_fp32_param(p, p.data)
 
     def end(self) -> None:
         """Free what only training needs: the optimizer (plain/DDP) and the gradients."""
@@ -372,11 +449,14 @@ class Policy:
     def loss_logits(self, ids, att, pos, keep) -> torch.Tensor:
         """The forward pass gradients flow through (train() mode only for gradient checkpointing; dropout is 0)."""
         fwd = self.engine if self.engine is not None else (self.ddp if self.ddp is not None else self.w.module)
+        # through DeepSpeed's engine the module enters autocast itself (autocast_inside): no outer one for the engine
+        # to see and switch off (it would also warn)
+        outer = self.engine is None
         if not self.checkpointing:
-            return self.w.logits(fwd, ids, att, pos, keep)
+            return self.w.logits(fwd, ids, att, pos, keep, outer)
         self.w.module.train()
         try:
-            return self.w.logits(fwd, ids, att, pos, keep)
+            return self.w.logits(fwd, ids, att, pos, keep, outer)
         finally:
             self.w.module.eval()
 
@@ -393,6 +473,7 @@ class Policy:
         if self.kind == "deepspeed":
             self.engine.backward(loss)
             self.engine.step()
+            self.w.written("an optimizer step", refresh=False)  # DeepSpeed re-gathers its persistent parameters
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
             check_finite(torch.tensor(norm), "grad norm", at)
@@ -401,6 +482,7 @@ class Policy:
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.tc.max_grad_norm)
         check_finite(norm.detach(), "grad norm", at)
         self.opt.step()
+        self.w.written("an optimizer step")
         self.opt.zero_grad(set_to_none=True)  # gradients are not held while the next batch is sampled and scored
         return norm.item()
 
@@ -422,6 +504,10 @@ class Policy:
                                    if torch.is_tensor(v))
             if self.stage in (1, 2):  # the fp32 master partition is a separate copy there
                 out["policy_weights"] += sum(tensor_bytes(t) for t in getattr(zo, "single_partition_of_fp32_groups", []))
+            if self.stage == 3:  # and under ZeRO-3 when it is not the weights' own flat buffer (see the module doc)
+                pairs = zip(getattr(zo, "fp32_partitioned_groups_flat", []),
+                            getattr(zo, "fp16_partitioned_groups_flat", []), strict=False)
+                out["policy_weights"] += sum(tensor_bytes(m) for m, f in pairs if m.data_ptr() != f.data_ptr())
         else:
             out["gradients"] = sum(tensor_bytes(p.grad) for p in self._trainable if p.grad is not None)
             if self.opt is not None:
@@ -438,12 +524,9 @@ class Policy:
     @torch.no_grad()
     def restore(self, part: PartFn, optimizer_state: dict) -> None:
         """After `begin`: this rank's weights and optimizer state as saved mid-policy (exact, fp32)."""
-        self.w.load_(part)
-        if self.kind == "deepspeed" and self.stage in (1, 2):
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            for n in self.w.names:
-                safe_set_full_fp32_param(self.w.params[n], self.w.params[n].data)
+        self.w.load_(part, "a checkpoint's policy weights")
+        if self.kind == "deepspeed":
+            self._sync_master()
         self.optimizer.load_state_dict(optimizer_state)
 
     def close(self) -> None:
@@ -495,14 +578,16 @@ class Reference:
 
     @torch.no_grad()
     def load_(self, part: PartFn, holds: str) -> None:
-        self.w.load_(part)
+        self.w.load_(part, f"the {holds} weights")
         self.holds = holds
 
     @torch.no_grad()
     def ema_update_(self, policy: Policy, mu: float) -> None:
-        """ema <- (1 - mu) ema + mu theta on this rank's share of every parameter (elementwise, no gather)."""
+        """ema <- (1 - mu) ema + mu theta on this rank's share of every parameter (elementwise; under ZeRO-3 the
+        persistent parameters' full copies are then rebuilt from the partitions: a small gather)."""
         for n in self.w.names:
             self.w.local(n).lerp_(policy.master(n), mu)
+        self.w.written("the EMA update")
 
     @torch.no_grad()
     def logits(self, ids, att, pos, keep) -> torch.Tensor:

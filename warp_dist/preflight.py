@@ -34,6 +34,7 @@ class PreflightError(ValueError):
 EMBEDDED = ("embedded:smollm2-135m", "embedded:tiny-gpt2")
 EMBEDDED_HINT = "use a local folder or embedded:smollm2-135m / embedded:tiny-gpt2"
 TINY_GPT2_PARAMS_BOUND = 1_000_000  # embedded:tiny-gpt2 has ~0.18 M parameters; used before it is first built
+TINY_GPT2_HEADS = 2  # its attention (and KV) heads, before it is first built (warp_dist.models builds it)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FOLDER_EXTRA_BYTES = 16 * 2**20  # per model folder: config, generation config, tokenizer files
@@ -59,6 +60,7 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_merge(cfg)
     check_reuse(cfg)
     num_params = check_model(cfg)
+    check_tensor_parallel(cfg, world_size)
     check_disk(cfg, num_params, world_size)
 
 
@@ -345,6 +347,43 @@ def count_params(model_cfg) -> int:
     with torch.device("meta"), _quiet_hub():
         model = AutoModelForCausalLM.from_config(model_cfg)
     return sum(p.numel() for p in model.parameters())  # tied parameters count once, as they are saved
+
+
+def uses_cuda(cfg: WarpConfig) -> bool:
+    """Whether this launch will run on CUDA (cpu=false and a GPU visible; no CUDA context is opened to know)."""
+    if cfg.cpu:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_tensor_parallel(cfg: WarpConfig, world_size: int) -> None:
+    """A vLLM engine tensor parallel over the policy group (rollout.vllm.tensor_parallel) must split the model's
+    attention and KV heads and sit on one node; refused here in one line, before any weights load (vLLM itself
+    fails minutes later, inside every rank)."""
+    from .rollout import resolve_backend
+    from .topology import plan, tensor_parallel_problem, tensor_parallel_size
+
+    if resolve_backend(cfg.rollout.backend, log=lambda *_: None) != "vllm":
+        return
+    g = plan(world_size, cfg.train.policies).group_size
+    tp = tensor_parallel_size(cfg.rollout.vllm.tensor_parallel, uses_cuda(cfg), g)
+    if tp == 1:
+        return
+    mc = _embedded_config(cfg) if cfg.model.name.startswith("embedded:") else model_config("model.name",
+                                                                                            cfg.model.name)
+    heads = kv = TINY_GPT2_HEADS
+    if mc is not None:
+        heads = int(getattr(mc, "num_attention_heads", None) or getattr(mc, "n_head", 1))
+        kv = int(getattr(mc, "num_key_value_heads", None) or heads)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    why = tensor_parallel_problem(tp, heads, kv, local)
+    if why:
+        raise PreflightError(f"rollout.vllm.tensor_parallel={cfg.rollout.vllm.tensor_parallel}: one vLLM engine over "
+                             f"each policy group of {g} ranks, but {why} ({cfg.model.name}); launch a group size G "
+                             "that divides the heads and fits a node (W = train.policies x G ranks), or "
+                             "rollout.vllm.tensor_parallel=1 (a whole engine on every rank)")
 
 
 def check_model(cfg: WarpConfig) -> int:

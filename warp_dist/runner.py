@@ -6,6 +6,7 @@ resume=true (same run-defining config) or overwrite=true (the old run is removed
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,8 +39,8 @@ _TEMP_NAME = re.compile(rf"\.(?:{_NAMES})\..+")
 
 # Fields that may differ between a run's stored config.yaml and the config that resumes it: none of them changes
 # what the run computes. Every other field defines the run (model, data, reward, rollout, train, merge, eval, ...).
-RESUME_MAY_CHANGE = ("output_dir", "preset", "progress", "log_every", "dist_timeout_s", "debug", "resume", "overwrite",
-                     "checkpoint_every", "keep_checkpoints", "model.cache_dir", "log_with")
+RESUME_MAY_CHANGE = ("output_dir", "preset", "progress", "log_every", "dist_timeout_s", "phase_timeout_s", "debug",
+                     "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "model.cache_dir", "log_with")
 
 
 def log(msg: str) -> None:
@@ -180,10 +181,8 @@ def prepare_run_dir(cfg: WarpConfig) -> RunDir:
 
 
 def share_run_dir(cfg: WarpConfig, d) -> RunDir:
-    """Rank 0 prepares the folder; every rank gets its decision, or raises the same RunDirError.
-
-    Only rank 0 reads and writes output_dir (other nodes may not share its filesystem); the others wait for it.
-    """
+    """Rank 0 prepares the folder; every rank gets its decision, or raises the same RunDirError; then every rank
+    checks that it sees the folder rank 0 wrote (`check_shared_folder`)."""
     result: RunDir | str | None = None
     if d.is_main:
         try:
@@ -193,7 +192,45 @@ def share_run_dir(cfg: WarpConfig, d) -> RunDir:
     result = d.broadcast_object(result)
     if isinstance(result, str):
         raise RunDirError(result)
+    check_shared_folder(result.path, d)
     return result
+
+
+SHARED_CHECK = ".shared-check"
+
+
+def check_shared_folder(folder: Path, d) -> None:
+    """Every rank must see output_dir as rank 0 wrote it: the ranks write their checkpoint parts and theta_init slices
+    there, and read state/sft.safetensors and the merge's files, so a run over several nodes needs a filesystem they
+    all share. Rank 0 writes a token file, every rank reads it; RunDirError on every rank (one line naming the ranks
+    and hosts that did not see it) otherwise. One process: nothing to check."""
+    import secrets
+    import socket
+
+    from . import checkpoint
+
+    if not d.active:
+        return
+    path = Path(folder) / SHARED_CHECK
+    token = None
+    if d.is_main:
+        token = secrets.token_hex(16)
+        checkpoint.write_json(path, {"token": token})
+    token = d.broadcast_object(token)
+    try:
+        seen = json.loads(path.read_text()).get("token") == token
+    except (OSError, ValueError):
+        seen = False
+    views = d.all_gather_object((seen, socket.gethostname(), str(Path(folder).resolve())))
+    if d.is_main:
+        path.unlink(missing_ok=True)
+    blind = [(r, host, where) for r, (ok, host, where) in enumerate(views) if not ok]
+    if blind:
+        who = ", ".join(f"rank {r} on {host} ({where})" for r, host, where in blind[:4]) + (" ..." if len(blind) > 4
+                                                                                             else "")
+        raise RunDirError(f"output_dir={folder}: {who} does not see the file rank 0 wrote there; every rank reads and "
+                          "writes the run folder (checkpoint parts, theta_init, the SFT copy), so on several nodes "
+                          "output_dir must be an absolute path on a filesystem they all share (NFS, Lustre, ...)")
 
 
 def run(cfg: WarpConfig) -> dict:
@@ -204,7 +241,7 @@ def run(cfg: WarpConfig) -> dict:
     from . import dist as distmod
 
     d = distmod.init(cfg.train.policies, cfg.dist_timeout_s, cpu=cfg.cpu,  # topology errors before any work
-                     need_process_group=bool(cfg.train.deepspeed))
+                     need_process_group=bool(cfg.train.deepspeed), phase_timeout_s=cfg.phase_timeout_s)
     try:
         rd = share_run_dir(cfg, d)
         quiet_libraries()

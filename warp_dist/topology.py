@@ -62,3 +62,34 @@ def plan(world_size: int, num_policies: int) -> Topology:
                             "each rank trains M / W policies, so M must be a multiple of W")
     k = M // W
     return Topology(W, M, tuple((r,) for r in range(W)), tuple(tuple(range(r * k, (r + 1) * k)) for r in range(W)))
+
+
+TENSOR_PARALLEL = ("auto", "group", "1")  # rollout.vllm.tensor_parallel choices
+
+
+def tensor_parallel_size(choice: str, on_cuda: bool, group_size: int) -> int:
+    """Ranks one vLLM engine spans (`rollout.vllm.tensor_parallel`): "group" = the policy group's G ranks, one engine
+    per group; "1" = an engine of its own on every rank; "auto" = "group" on CUDA, "1" on CPU (where a rank's whole
+    engine is cheap and TP only adds a collective per layer)."""
+    if choice not in TENSOR_PARALLEL:
+        raise TopologyError(f"rollout.vllm.tensor_parallel={choice!r} is invalid: allowed {' | '.join(TENSOR_PARALLEL)}")
+    if choice == "1" or group_size == 1:
+        return 1
+    return group_size if (choice == "group" or on_cuda) else 1
+
+
+def tensor_parallel_problem(tp: int, heads: int, kv_heads: int, local_world_size: int) -> str:
+    """Why a tensor-parallel engine of `tp` ranks cannot run this model on this node layout ("" = it can): vLLM splits
+    the attention heads over the ranks (and the KV heads, or replicates them when there are fewer than ranks), and
+    its engine must sit on one node (consecutive ranks of `local_world_size` per node)."""
+    if tp <= 1:
+        return ""
+    if heads % tp:
+        return f"its {heads} attention heads do not split over {tp} ranks"
+    if kv_heads >= tp and kv_heads % tp:
+        return f"its {kv_heads} KV heads do not split over {tp} ranks"
+    if kv_heads < tp and tp % kv_heads:
+        return f"its {kv_heads} KV heads cannot be replicated evenly over {tp} ranks"
+    if tp > local_world_size or local_world_size % tp:
+        return f"a group of {tp} ranks does not fit the {local_world_size} ranks of a node"
+    return ""

@@ -41,7 +41,8 @@ from .policy import (
     deepspeed_config,
 )
 from .rewards import build_reward
-from .rollout import SamplingConfig, build_batch, make_backend
+from .rollout import SamplingConfig, build_batch, make_backend, resolve_backend
+from .topology import tensor_parallel_size
 from .tracking import Tracking, samples_markdown
 from .weights import ModelFiles, ParamFiles, SafeFile, Source, StreamWriter, source_part, write_stream
 
@@ -70,7 +71,7 @@ class Warp:
     def __init__(self, cfg: WarpConfig, dist: distmod.Dist | None = None, log=print, metrics_path=None):
         tc = cfg.train
         self.dist = dist or distmod.init(tc.policies, cfg.dist_timeout_s, cpu=cfg.cpu,
-                                         need_process_group=bool(tc.deepspeed))
+                                         need_process_group=bool(tc.deepspeed), phase_timeout_s=cfg.phase_timeout_s)
         d = self.dist
         self.cfg, self.device, self.is_main = cfg, d.device, d.is_main
         self.log = log if self.is_main else (lambda *_: None)
@@ -93,6 +94,8 @@ class Warp:
         self.judge = build_judge(cfg, self.device)  # the evaluation's independent judge (None: eval.judge gives none)
         self.judge_name = judge_label(resolve_judge(cfg.reward, cfg.eval)[1])
         self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer)
+        self.log(f"prompts: {len(self.train_prompts)} train, {len(self.eval_prompts)} eval "
+                 f"({self.eval_prompts.duplicates_skipped} eval candidates equal to a train prompt skipped)")
         # the models (see warp_dist.policy for what each holds): SFT on disk, policy, reference, theta_init
         self.sft = self._open_sft()
         sizes = dict(hidden=self.hidden_size(), layer_numel=largest_layer(self.sft_layout[0], self.sft_layout[2]))
@@ -111,17 +114,21 @@ class Warp:
         self.policy = Policy(module, d, self.compute_dtype, tc, ds_conf, checkpointing=checkpointing)
         self.init = InitStore(self.policy.w, self.sft.part)  # theta_init of iteration 1: the SFT weights
         distmod.trim_allocator()
+        backend = resolve_backend(cfg.rollout.backend, self.log)
+        # one vLLM engine per policy group (tensor parallel over its G ranks) or one per rank: rollout.vllm
+        tp = (tensor_parallel_size(cfg.rollout.vllm.tensor_parallel, self.device.type == "cuda", d.group_size)
+              if backend == "vllm" else 1)
         self.backend = make_backend(
-            cfg.rollout.backend, module_fn=lambda: self.policy.module, tokenizer=self.tokenizer,
+            backend, module_fn=lambda: self.policy.module, tokenizer=self.tokenizer,
             model_path=self.model_path, eos_ids=self.sampling.eos_ids, dtype=cfg.model.dtype, device=self.device,
-            vllm_cfg=cfg.rollout.vllm, seed=tc.seed + 7919 * d.rank,
+            vllm_cfg=cfg.rollout.vllm, seed=tc.seed + 7919 * (d.topo.group_of(d.rank) if tp > 1 else d.rank),
             autocast_fn=lambda: autocast(self.device, self.compute_dtype),
             sync=d.group_any if (self.policy.w.zero3 and d.group_size > 1) else None,
-            max_seqs=max(tc.batch_size * self.k, cfg.eval.batch_size), max_len=max_len, group_size=d.group_size,
+            max_seqs=max(tc.batch_size * self.k, cfg.eval.batch_size), max_len=max_len, tensor_parallel=tp,
             log=self.log)
-        # a tensor-parallel engine (CUDA, G > 1) samples the whole group batch on every rank of the group
-        self.group_sampling = getattr(self.backend, "tensor_parallel", 1) > 1
-        self.version = 0
+        # a tensor-parallel engine samples the whole group batch on every rank of the group (the same requests and
+        # seeds: the engine's seed too is the group's)
+        self.group_sampling = tp > 1
         self.timers: dict[str, float] = {}
         self._pending: list[dict] = []
 
@@ -165,11 +172,19 @@ class Warp:
         self.timers[phase] = self.timers.get(phase, 0.0) + seconds
 
     def push_weights(self) -> None:
-        """New weights version into the rollout backend (streamed tensor by tensor; gathered under ZeRO-3)."""
+        """The policy's weights into the rollout backend (streamed tensor by tensor; gathered under ZeRO-3), labelled
+        with their write version: a later write that is not pushed makes the next sample refuse."""
         t0 = time.perf_counter()
-        self.version += 1
-        self.backend.update_weights(lambda: self.policy.w.iter_full(with_aliases=True, copy=False), self.version)
+        self.backend.update_weights(lambda: self.policy.w.iter_full(with_aliases=True, copy=False),
+                                    self.policy.w.version)
         self._tick("sync", time.perf_counter() - t0)
+
+    def sample(self, prompt_ids, seed: int, indices: list[int], where: str, num_completions: int = 1):
+        """The backend's completions from the policy's current weights (refused, naming `where`, if they changed since
+        the last push)."""
+        w = self.policy.w
+        return self.backend.generate(prompt_ids, self.sampling, seed=seed, version=w.version, indices=indices,
+                                     num_completions=num_completions, where=where, last_write=w.last_write)
 
     def logprobs(self, logits_fn, batch, support=None):
         """Completion log-probs from `logits_fn` (a model's) under the sampling distribution. -> ([B, C], support)"""
@@ -264,15 +279,13 @@ class Warp:
         slots = [j * g + r for j in range(B)]
         asked = list(range(tc.batch_size)) if self.group_sampling else slots  # TP engine: the whole group batch
         idx = [order[((step - 1) * tc.batch_size + s) % len(order)] for s in asked]
-        gens = self.backend.generate([self.train_prompts.ids[i] for i in idx], self.sampling,
-                                     seed=step_seed(seed, step), version=self.version, indices=asked,
-                                     num_completions=k)
+        at = where(iteration, policy, step)
+        gens = self.sample([self.train_prompts.ids[i] for i in idx], step_seed(seed, step), asked, at, k)
         if self.group_sampling:  # keep this rank's slots
             keep = [s * k + c for s in slots for c in range(k)]
             gens = type(gens)([gens.prompt_ids[i] for i in keep], [gens.completion_ids[i] for i in keep],
                               [gens.sampler_logprobs[i] for i in keep] if gens.sampler_logprobs else None)
         t1 = self._clock()
-        at = where(iteration, policy, step)
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
         reward = self.reward(ptexts, ctexts, where=at)  # one finite score per completion, or a one-line error
         t2 = self._clock()
@@ -356,7 +369,7 @@ class Warp:
         stats = MergeDiagnostics(d.topo.num_policies) if d.is_main else None
         full_init = blobs / f"iter{iteration + 1}_init.safetensors"
         own_init = blobs / f"iter{iteration + 1}_init.rank{d.rank}.safetensors"
-        own_is_full = d.is_main and d.group_size == 1  # rank 0's slices are the whole tensors: one file serves
+        own_is_full = self.init_is_full()
         writers = []
         if d.is_main:
             specs = [(n, w.shapes[n], torch.float32) for n in w.names]
@@ -410,6 +423,7 @@ class Warp:
                                  on_main if d.is_main else None)
             for wr in every:
                 wr.close()
+            w.written("the merge (theta_slerp)")
         except BaseException:
             for wr in every:
                 wr.abort()
@@ -418,6 +432,7 @@ class Warp:
             for f in files.values():
                 f.close()
         self.init.close()
+        d.barrier()  # rank 0's file of the next theta_init is complete before another rank opens it
         self.init = InitStore.from_file(w, full_init if own_is_full else own_init, full=own_is_full)
         distmod.trim_allocator()
         diag = d.broadcast_object(stats.summary() if d.is_main else None)
@@ -430,7 +445,7 @@ class Warp:
         t0 = time.perf_counter()
         if state is not None:
             src = state if callable(state) else (lambda n, s=state: s[n].float())
-            self.policy.w.load_(source_part(src))
+            self.policy.w.load_(source_part(src), "the weights under evaluation")
         self.reference.load_(self.sft.part, "sft")
         self.push_weights()
         ec, d = self.cfg.eval, self.dist
@@ -465,8 +480,7 @@ class Warp:
         lo = k * ec.batch_size
         ids = self.eval_prompts.ids[lo: lo + ec.batch_size]
         t0 = time.perf_counter()
-        gens = self.backend.generate(ids, self.sampling, ec.seed, version=self.version,
-                                     indices=list(range(lo, lo + len(ids))))
+        gens = self.sample(ids, ec.seed, list(range(lo, lo + len(ids))), f"evaluation batch {k}")
         t1 = time.perf_counter()
         ptexts, ctexts = decode_pairs(self.tokenizer, gens.prompt_ids, gens.completion_ids)
         r = self.reward(ptexts, ctexts, where=f"evaluation batch {k}").tolist()
@@ -476,12 +490,18 @@ class Warp:
         t2 = time.perf_counter()
         kl = []
         chunk = 8  # rows scored at a time: bounds the [rows, C, V] logits
-        for a in range(0, len(ids), chunk):
-            sub = type(gens)(gens.prompt_ids[a:a + chunk], gens.completion_ids[a:a + chunk])
+        # ZeRO-3 forwards are collectives inside the policy group: every rank runs as many as a full batch needs,
+        # a rank with a short last batch on a stand-in row (its result dropped), or the group waits until the timeout
+        rows = ec.batch_size if (self.policy.w.zero3 and self.dist.group_size > 1) else len(ids)
+        for a in range(0, rows, chunk):
+            real = a < len(ids)
+            take = slice(a, a + chunk) if real else slice(0, 1)
+            sub = type(gens)(gens.prompt_ids[take], gens.completion_ids[take])
             batch = build_batch(sub, self.pad, self.device)
             lp, support = self.logprobs(self.policy.logits, batch)
             lp_sft, _ = self.logprobs(self.reference.logits, batch, support)
-            kl += rl.kl_estimate(lp, lp_sft, batch.mask).tolist()
+            if real:
+                kl += rl.kl_estimate(lp, lp_sft, batch.mask).tolist()
         t3 = time.perf_counter()
         records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kl[j], "judge": jd[j],
                     "length": len(c)} for j, c in enumerate(gens.completion_ids)]
@@ -557,7 +577,7 @@ class Warp:
                 self.checkpoint("merged")
             elif pos["evaluated"] < it:  # resumed after the merge: the policy module must hold theta_slerp
                 slerp = SafeFile(self.state_dir / "blobs" / f"iter{it}_slerp.safetensors")
-                self.policy.w.load_(slerp.part)
+                self.policy.w.load_(slerp.part, "theta_slerp (resumed)")
                 slerp.close()
             if pos["evaluated"] < it:  # phase: evaluation of theta_slerp
                 last = it == tc.iterations
@@ -695,10 +715,16 @@ class Warp:
             p = self.metrics.path
             self.tracker.replay([json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else [])
 
+    def init_is_full(self) -> bool:
+        """Whether this rank reads theta_init from rank 0's file of whole tensors: every rank whose slices are whole
+        tensors (not ZeRO-3; rank 0 alone in its group). Only ZeRO-3 ranks compute and write their own slices of the
+        next theta_init (under DDP every rank of a group had computed and written the same whole file)."""
+        return not self.policy.w.zero3 or (self.dist.is_main and self.dist.group_size == 1)
+
     def init_store_for(self, iteration: int) -> InitStore:
         """theta_init of `iteration` (> 1) from the files the merge of iteration - 1 wrote."""
         d, blobs = self.dist, self.state_dir / "blobs"
-        if d.is_main and d.group_size == 1:
+        if self.init_is_full():
             return InitStore.from_file(self.policy.w, blobs / f"iter{iteration}_init.safetensors", full=True)
         return InitStore.from_file(self.policy.w, blobs / f"iter{iteration}_init.rank{d.rank}.safetensors", full=False)
 
@@ -734,7 +760,7 @@ class Warp:
             self.save_rank_state(rank_dir)
         faults.point("checkpoint")
         d.barrier()
-        self.pos.update(seq=seq, phase=phase, version=self.version,
+        self.pos.update(seq=seq, phase=phase, version=self.policy.w.version,
                         timers={**self.timers, "elapsed": self.pos.get("elapsed_s", 0.0)})
         if d.is_main:
             self.pos["metrics_lines"] = checkpoint.count_lines(self.metrics.path)
@@ -753,7 +779,8 @@ class Warp:
         init_it = it if pos["merged"] < it else it + 1
         if 1 < init_it <= tc.iterations:
             names.append(f"iter{init_it}_init.safetensors")
-            names += [f"iter{init_it}_init.rank{r}.safetensors" for r in range(self.dist.world_size)]
+            if self.policy.w.zero3:
+                names += [f"iter{init_it}_init.rank{r}.safetensors" for r in range(self.dist.world_size)]
         if pos["merged"] >= 1:
             names.append(f"iter{pos['merged']}_slerp.safetensors")
         return names
@@ -770,13 +797,12 @@ class Warp:
         """The policy in training as `save_rank_state` wrote it; returns the last completed step."""
         pol, ema = SafeFile(folder / "policy.safetensors"), SafeFile(folder / "ema.safetensors")
         try:
-            opt = torch.load(str(folder / "optimizer.pt"), weights_only=False)
+            opt = checkpoint.load_safe(folder / "optimizer.pt")
             self.policy.restore(lambda n, start, count: pol.get(n), opt)
             self.reference.load_(lambda n, start, count: ema.get(n), "ema")
         finally:
             pol.close()
             ema.close()
-        self.version = self.pos["version"] - 1  # the push that follows relabels the engine with the saved version
         return self.pos["step"]
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ def resolve_backend(kind: str, log=print) -> str:
 
 def make_backend(kind: str, *, module_fn, tokenizer, model_path: str, eos_ids, dtype: str = "float32",
                  device=None, vllm_cfg=None, seed: int = 0, autocast_fn=None, sync=None, max_seqs: int = 64,
-                 max_len: int = 0, group_size: int = 1, log=print):
+                 max_len: int = 0, tensor_parallel: int = 1, log=print):
     """Build the rollout backend named by `rollout.backend` (hf | vllm | auto)."""
     kind = resolve_backend(kind, log)
     if kind == "hf":
@@ -34,7 +34,8 @@ def make_backend(kind: str, *, module_fn, tokenizer, model_path: str, eos_ids, d
         from .vllm import VllmBackend
 
         return VllmBackend(model_path, tokenizer, vllm_cfg, dtype=dtype, seed=seed, device=device or "cpu",
-                           max_seqs=max_seqs, max_len=max_len, eos_ids=eos_ids, group_size=group_size)
+                           max_seqs=max_seqs, max_len=max_len, eos_ids=eos_ids, tensor_parallel=tensor_parallel,
+                           log=log)
     raise ValueError(f"rollout.backend={kind!r}: allowed hf | vllm | auto")
 
 

