@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # files with the most tests first, whatever their time.
 TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: install demo test test-slow test-all bench lint clean
+.PHONY: install demo test test-durations test-slow test-all bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,8 +55,8 @@ DEMO_ETAS ?= 0,0.2,...,1
 DEMO_PARALLEL ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 2 || echo 1)
 # compute dtype and steps per iteration of WARP and the baselines (launch/demo_settings.py). auto: bfloat16 (fp32
 # master weights) where the CPU has AVX512-BF16/AMX or the GPU bf16, else float32; steps auto: 10 in float32, 13 in
-# bfloat16, which matched fp32's 10-step reward gain within the seeds' spread in ~0.8x the time (README, "bf16
-# quality"). DEMO_DTYPE=float32 DEMO_STEPS=10 is the setting whose numbers reproduce on any box. Saved model folders
+# bfloat16, which matched fp32's 10-step reward gain within the seeds' spread in ~0.8x the time (docs/performance.md,
+# "The demo's dtype and steps"). DEMO_DTYPE=float32 DEMO_STEPS=10 is the setting whose numbers reproduce on any box. Saved model folders
 # stay fp32 (the eta-grid evaluation interpolates them).
 DEMO_DTYPE ?= auto
 DEMO_STEPS ?= auto
@@ -65,20 +65,25 @@ RM_ARGS ?=
 demo: install
 	@settings=$$($(BIN)/python launch/demo_settings.py --dtype "$(DEMO_DTYPE)" --steps "$(DEMO_STEPS)") && \
 		echo "make demo: $$settings"
-	$(BIN)/python launch/sft.py --config configs/sft.yaml $(SFT_ARGS)
-	$(BIN)/python launch/reward_model.py --config configs/reward_model.yaml $(RM_ARGS)
-	sft=$$($(BIN)/python launch/sft.py --config configs/sft.yaml --print-output-dir $(SFT_ARGS)) && \
-	rm=$$($(BIN)/python launch/reward_model.py --config configs/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
+	$(BIN)/python launch/sft.py --config configs/stages/sft.yaml $(SFT_ARGS)
+	$(BIN)/python launch/reward_model.py --config configs/stages/reward_model.yaml $(RM_ARGS)
+	sft=$$($(BIN)/python launch/sft.py --config configs/stages/sft.yaml --print-output-dir $(SFT_ARGS)) && \
+	rm=$$($(BIN)/python launch/reward_model.py --config configs/stages/reward_model.yaml --print-output-dir $(RM_ARGS)) && \
 	settings=$$($(BIN)/python launch/demo_settings.py --dtype "$(DEMO_DTYPE)" --steps "$(DEMO_STEPS)") && \
 	stages="model.name=$$sft $$settings save_dtype=float32 reward.kind=classifier reward.name=$$rm reward.label=1 reward.minus_label=0" && \
-	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/demo.yaml \
+	$(BIN)/accelerate launch --num_processes 1 launch/warp.py --config configs/warp/demo.yaml \
 		output_dir=$(DEMO_OUT) overwrite=true save_iterations=true $$stages $(ARGS) && \
-	$(BIN)/python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
+	$(BIN)/python -m warp_dist.sweep --config configs/warp/baseline_reinforce.yaml --betas $(DEMO_BETAS) \
 		--parallel $(DEMO_PARALLEL) --out $(DEMO_OUT)/baselines progress=false eval.reuse_from=$(DEMO_OUT) $$stages
 	$(BIN)/python launch/eval.py --run $(DEMO_OUT) --eta-grid $(DEMO_ETAS) --baselines $(DEMO_OUT)/baselines/beta_*
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# tests/durations.json: seconds per test file, which `make test` uses to hand the slowest files out first
+test-durations: install
+	WARP_DIST_RECORD_DURATIONS=tests/durations.json $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

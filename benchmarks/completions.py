@@ -3,7 +3,7 @@
     python benchmarks/completions.py --size cpu      # SmolLM2-135M, vLLM, 16 completions per step, k = 1, 2, 4
     python benchmarks/completions.py --size tiny     # the test suite
 
-For each k the trainer runs one policy (`Warp.train_policy`, the real RL loop) with the same number of completions per
+For each k the trainer runs one policy (`training.rl_step.train_policy`, the real RL loop) with the same number of completions per
 step (batch_size = completions / k prompts, k completions each: the prompt is one vLLM request with n = k, prefilled
 once) from the same SFT start. Reported per k: generated tokens per second of sampling, whole-step tokens per second,
 and the reward gain per second of training time: (mean batch reward of the last third of the steps - mean of the
@@ -58,7 +58,8 @@ def parse_args(argv):
 
 def run_k(args, k: int) -> dict:
     from warp_dist.config import config_from_dict
-    from warp_dist.trainer import Warp
+    from warp_dist.training.rl_step import train_policy
+    from warp_dist.training.session import Session
 
     prompts = args.completions // k
     with tempfile.TemporaryDirectory(prefix="warp_bench_k_") as tmp:
@@ -71,11 +72,11 @@ def run_k(args, k: int) -> dict:
             "train": {"iterations": 1, "policies": 1, "steps": args.steps, "batch_size": prompts, "lr": args.lr,
                       "seed": args.seed, "baseline": "loo"},
         })
-        w = Warp(cfg, log=lambda *_: None)
+        s = Session(cfg, log=lambda *_: None)
         try:
-            hist = w.train_policy(1, 0).history
+            hist = train_policy(s, 1, 0)
         finally:
-            w.close()
+            s.close()
     third = max(1, len(hist) // 3)
     first, last = hist[:third], hist[-third:]
     step_s = [r["time_generate_s"] + r["time_score_s"] + r["time_train_s"] + r["time_sync_s"] for r in hist]

@@ -31,15 +31,15 @@ from benchmarks import common  # noqa: E402
 
 NAME = "e2e"
 PRESETS = {
-    "tiny": dict(config="configs/tiny.yaml", model="", backend="", ranks="1", iterations=2, policies=2, steps=2,
+    "tiny": dict(config="configs/warp/tiny.yaml", model="", backend="", ranks="1", iterations=2, policies=2, steps=2,
                  batch_size=8, new_tokens=8, eval_prompts=8, eval_batch=8, timeout=300, reward="", dtype=""),
     # the demo's shape and length (I = 2, M = 2, T = 10 as make demo runs it, 16 prompts x 24 tokens, 64 eval
     # prompts), project on 1 and 2 ranks; the model and reward of the embedded default (SmolLM2-135M, VADER) so it
     # needs no pipeline stage first
-    "cpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="1,2", iterations=2,
+    "cpu": dict(config="configs/warp/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="1,2", iterations=2,
                 policies=2, steps=10, batch_size=16, new_tokens=24, eval_prompts=64, eval_batch=32, timeout=3600,
                 reward="vader", dtype=""),
-    "gpu": dict(config="configs/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="2", iterations=2,
+    "gpu": dict(config="configs/warp/demo.yaml", model="embedded:smollm2-135m", backend="", ranks="2", iterations=2,
                 policies=2, steps=25, batch_size=32, new_tokens=48, eval_prompts=128, eval_batch=32, timeout=3600,
                 reward="vader", dtype=""),
 }
@@ -79,7 +79,8 @@ def naive_run(cfg) -> dict:
 
     from benchmarks.naive import NaiveWarp
     from warp_dist import merging
-    from warp_dist.trainer import Warp
+    from warp_dist.evaluation.evaluator import Evaluator
+    from warp_dist.training.session import Session
 
     t_start = time.perf_counter()
     nw = NaiveWarp(cfg)
@@ -90,11 +91,12 @@ def naive_run(cfg) -> dict:
     dist_to_sft = merging.distance(final, nw.sft_state)
     del nw
     torch.manual_seed(0)
-    w = Warp(cfg, log=lambda *_: None)
-    params = {n: final[n] for n in w.policy.names}
-    sft = w.evaluate_state(w.sft.full, None)
-    fin = w.evaluate_state(params, sft)
-    w.close()
+    s = Session(cfg, log=lambda *_: None)
+    params = {n: final[n] for n in s.weights.names}
+    evaluator = Evaluator(s)
+    sft = evaluator.evaluate(s.sft.full, None)
+    fin = evaluator.evaluate(params, sft)
+    s.close()
     return {"sft": sft.metrics, "final": {**fin.metrics, "weight_distance_to_sft": dist_to_sft},
             "setup_s": t_setup, "run_s": res["run_s"], "total_s": t_total,
             "train_reward_first_last": [res["train_rewards"][0], res["train_rewards"][-1]]}

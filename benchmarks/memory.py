@@ -4,10 +4,10 @@
     python benchmarks/memory.py --size tiny     # tiny GPT-2, the test suite
 
 Every case is a real `launch/warp.py` run (`accelerate launch --multi_gpu` for W > 1, DS_ACCELERATOR=cpu) of
-configs/baseline_reinforce.yaml shortened to 2 RL steps (the command of the memory issue) with the case's overrides;
+configs/warp/baseline_reinforce.yaml shortened to 2 RL steps (the command of the memory issue) with the case's overrides;
 while it runs, the peak resident memory of every rank (VmHWM in /proc/<pid>/status; on CUDA the trainer's
 torch.cuda.max_memory_allocated would be the figure) is read every 0.2 s. Each figure is set next to the memory plan's
-prediction for that rank (warp_dist.plan, from config.json only) and the ratio to the one-process HF run.
+prediction for that rank (warp_dist.checks.plan, from config.json only) and the ratio to the one-process HF run.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ CASES = {
     "ZeRO-3 G=2 M=2": (4, ["rollout.backend=hf", ZERO3, "train.policies=2"]),
 }
 PRESETS = {
-    "tiny": dict(config="configs/tiny.yaml", cases="1 process, HF;ZeRO-3 G=1 M=1;ZeRO-3 G=2 M=1",
+    "tiny": dict(config="configs/warp/tiny.yaml", cases="1 process, HF;ZeRO-3 G=1 M=1;ZeRO-3 G=2 M=1",
                  extra="train.steps=2,train.iterations=1,data.num_eval_prompts=8", timeout=300),
-    "cpu": dict(config="configs/baseline_reinforce.yaml", cases=";".join(CASES),
+    "cpu": dict(config="configs/warp/baseline_reinforce.yaml", cases=";".join(CASES),
                 extra="train.steps=2,data.num_eval_prompts=32", timeout=2400),
-    "gpu": dict(config="configs/baseline_reinforce.yaml", cases="1 process, HF;ZeRO-3 G=1 M=1",
+    "gpu": dict(config="configs/warp/baseline_reinforce.yaml", cases="1 process, HF;ZeRO-3 G=1 M=1",
                 extra="train.steps=2,data.num_eval_prompts=32", timeout=1200),
 }
 COLUMNS = ["case", "ranks", "peak per rank GB (max over ranks)", "plan GB", "measured / plan",
@@ -134,9 +134,9 @@ def run_case(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[dict
 
 
 def plan_for(config: str, overrides: list[str], ranks: int) -> dict[int, int] | None:
-    """The memory plan's per-rank prediction (bytes), or None when warp_dist.plan is not available."""
+    """The memory plan's per-rank prediction (bytes), or None when warp_dist.checks.plan is not available."""
     try:
-        from warp_dist import plan as planmod
+        from warp_dist.checks import plan as planmod
         from warp_dist.config import load_config
     except ImportError:
         return None

@@ -227,7 +227,7 @@ def bench_state(label: str, source: str, dtype: str, init, policies_all, ms: lis
     largest_numel = max(init[k].numel() for k in names)  # float tensors of one dtype
     largest = largest_numel * init[names[0]].element_size()
     warm = warm_names(init, names)
-    from warp_dist import native
+    from warp_dist.merging import native
 
     native_ok = not native.unavailable()
     rows = []

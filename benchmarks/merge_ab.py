@@ -1,6 +1,6 @@
-"""Two sources of the native merge kernel (warp_dist/merge_kernel.cpp) timed against each other in one process.
+"""Two sources of the native merge kernel (warp_dist/merging/merge_kernel.cpp) timed against each other in one process.
 
-    git show HEAD~1:warp_dist/merge_kernel.cpp > /tmp/old_kernel.cpp
+    git show HEAD~1:warp_dist/merging/merge_kernel.cpp > /tmp/old_kernel.cpp
     python benchmarks/merge_ab.py --baseline /tmp/old_kernel.cpp             # the repository's kernel against it
     python benchmarks/merge_ab.py --baseline A.cpp --candidate B.cpp --size tiny
 
@@ -43,7 +43,7 @@ COLUMNS = ["dtype", "M", "SFT row", "model MB", "copy GB/s", "baseline ms", "bas
 def parse_args(argv):
     ap = common.parser(NAME, __doc__)
     ap.add_argument("--baseline", required=True, help="a merge_kernel.cpp to compare against")
-    ap.add_argument("--candidate", default=str(ROOT / "warp_dist" / "merge_kernel.cpp"),
+    ap.add_argument("--candidate", default=str(ROOT / "warp_dist" / "merging" / "merge_kernel.cpp"),
                     help="the kernel source under test (default: the repository's)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     ap.add_argument("--policies", default=None, help="comma list of M values, e.g. 2,4")
@@ -77,9 +77,9 @@ def shapes(args) -> list[tuple[int, ...]]:
 
 
 def kernel(flag: str, source: str):
-    """The ctypes function of `source`, built (or found in the cache) by warp_dist.native; one line if it does not
+    """The ctypes function of `source`, built (or found in the cache) by warp_dist.merging.native; one line if it does not
     build."""
-    from warp_dist import native
+    from warp_dist.merging import native
 
     native.SOURCE, native._FN = Path(source), None
     try:
@@ -92,7 +92,8 @@ def measure(fns: dict, dt, M: int, args, g) -> dict:
     """One row: copy, the baseline and the candidate in rounds on one set of tensors, then the bit comparison."""
     import torch
 
-    from warp_dist import merging, native
+    from warp_dist import merging
+    from warp_dist.merging import native
 
     xs = [torch.randn(s, generator=g).to(dt) for s in shapes(args)]
     pols = [[(x.float() + 1e-2 * torch.randn(x.shape, generator=g)).to(dt) for _ in range(M)] for x in xs]
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from warp_dist import native
+    from warp_dist.merging import native
 
     keep = native.SOURCE  # kernel() builds each source (one line, naming its flag, where it cannot be built)
     try:

@@ -104,7 +104,7 @@ class NaiveWarp:
     # ------------------------------------------------------------------ the whole run
     def run(self) -> dict:
         from warp_dist import merging
-        from warp_dist.trainer import policy_seed
+        from warp_dist.training.rl_step import policy_seed
 
         cfg, tc = self.cfg, self.cfg.train
         t0 = time.perf_counter()

@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
 
     from warp_dist.config import VllmConfig
     from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
-    from warp_dist.rollout import HFBackend, SamplingConfig
+    from warp_dist.rollout.base import SamplingConfig
+    from warp_dist.rollout.hf import HFBackend
     from warp_dist.rollout.vllm import VllmBackend
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

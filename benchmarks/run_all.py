@@ -204,6 +204,9 @@ def parse_args(argv):
     return args
 
 
+HISTORY = "# Earlier measurements and history"  # RESULTS.md from this heading on is kept when it is rewritten
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     results: Path = args.results_dir
@@ -224,6 +227,10 @@ def main(argv=None) -> dict:
             print(f"    {'ok' if st['ok'] else 'FAILED'} in {st['seconds']:.0f}s"
                   + ("" if st["ok"] else f"\n{st['error']}"), flush=True)
     text = render(args.size, results, statuses, started)
+    if args.out.is_file():  # the hand-kept history below the generated sections stays
+        old = args.out.read_text()
+        if HISTORY in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(HISTORY):]
     common.write_text_atomic(args.out, text)
     print(f"wrote {rel(str(args.out))}", flush=True)
     failed = [n for n, s in statuses.items() if not s["ok"]]

@@ -1,6 +1,6 @@
 """Policy parallelism: M policies on M ranks at once vs the same M policies one after the other on one rank.
 
-    python benchmarks/scaling.py --size cpu            # configs/tiny.yaml, M = 2, 2 ranks vs 1 rank
+    python benchmarks/scaling.py --size cpu            # configs/warp/tiny.yaml, M = 2, 2 ranks vs 1 rank
     python benchmarks/scaling.py --size gpu --policies 2,4,8
 
 Both runs are `launch/warp.py` on the same config with train.iterations=1 and the same M, steps, batch and
@@ -29,11 +29,11 @@ from benchmarks import common  # noqa: E402
 
 NAME = "scaling"
 PRESETS = {
-    "tiny": dict(config="configs/tiny.yaml", model="", policies="2", steps=2, batch_size=8, new_tokens=8,
+    "tiny": dict(config="configs/warp/tiny.yaml", model="", policies="2", steps=2, batch_size=8, new_tokens=8,
                  eval_prompts=8, eval_batch=2, timeout=300),
-    "cpu": dict(config="configs/tiny.yaml", model="", policies="2", steps=96, batch_size=32, new_tokens=24,
+    "cpu": dict(config="configs/warp/tiny.yaml", model="", policies="2", steps=96, batch_size=32, new_tokens=24,
                 eval_prompts=128, eval_batch=16, timeout=900),
-    "gpu": dict(config="configs/tiny.yaml", model="embedded:smollm2-135m", policies="2", steps=20, batch_size=32,
+    "gpu": dict(config="configs/warp/tiny.yaml", model="embedded:smollm2-135m", policies="2", steps=20, batch_size=32,
                 new_tokens=48, eval_prompts=256, eval_batch=32, timeout=1800),
 }
 COLUMNS = ["M", "model", "steps x batch x tokens", "threads per rank: M ranks / 1 rank", "train s (M ranks)",

@@ -5,7 +5,7 @@
 
 naive:    benchmarks/naive.py `NaiveWarp.step` — HF `generate`, fp32, full-sequence logits, a full forward of an EMA
           copy, `loss.backward()`, plain AdamW, EMA update (what a user writes with transformers in an afternoon).
-project:  `Warp.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
+project:  `training.rl_step.rl_step` (the trainer's own step) for each --variants entry, e.g. `fp32-hf` (fp32 compute, HF
           backend), `fp32-vllm` (the demo's setting on a CPU without bf16 instructions), `bf16-vllm` (bf16 autocast
           compute with fp32 master weights and EMA, vLLM rollouts: the demo's setting on a CPU with them). Every
           variant and the naive loop run the same prompts, reward and hyper-parameters, one after the other, each
@@ -126,14 +126,15 @@ def bench_naive(args) -> dict:
 
 
 def bench_variant(args, name: str) -> dict:
-    """The trainer's own step (`Warp.rl_step`) for one dtype x backend."""
-    from warp_dist.trainer import Warp
+    """The trainer's own step (`training.rl_step.rl_step`) for one dtype x backend."""
+    from warp_dist.training.rl_step import rl_step
+    from warp_dist.training.session import Session
 
     dtype, backend = VARIANTS[name]
     with tempfile.TemporaryDirectory(prefix="warp_bench_step_") as tmp:
         cfg = warp_config(args, dtype, backend, tmp)
         t0 = time.perf_counter()
-        w = Warp(cfg, log=lambda *_: None)
+        w = Session(cfg, log=lambda *_: None)
         setup_s = time.perf_counter() - t0
         parts: dict[str, list[float]] = {}
         if args.breakdown:
@@ -145,7 +146,7 @@ def bench_variant(args, name: str) -> dict:
             order = list(range(len(w.train_prompts)))
             steps = []
             for s in range(1, args.steps + 1):
-                r = w.rl_step(1, 0, s, 1000, order)
+                r = rl_step(w, 1, 0, s, 1000, order)
                 steps.append({"generate_s": r["time_generate_s"], "score_s": r["time_score_s"],
                               "train_s": r["time_train_s"], "push_s": r["time_sync_s"],
                               "step_s": r["time_generate_s"] + r["time_score_s"] + r["time_train_s"] + r["time_sync_s"],

@@ -6,7 +6,7 @@
 or a CUDA GPU with bf16), else float32 (warp_dist.config.resolve_dtype). --steps auto: the steps per iteration at
 which that dtype reaches the demo's quality: 10 in float32; 13 in bfloat16, which after 10 steps had moved ~20 % less
 far (lower reward gain and KL) and after 13 matched fp32's 10 in reward gain within the seeds' spread, in ~0.8x the
-wall time (README, "bf16 quality"). Bad values end with one line naming the Makefile variable and what is allowed.
+wall time (docs/performance.md, "The demo's dtype and steps"). Bad values end with one line naming the Makefile variable and what is allowed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a sentiment reward model on IMDB: reward.kind=classifier reward.name=<output_dir> in a WARP run.
 
-    python launch/reward_model.py --config configs/reward_model.yaml [dotted.key=value ...]
+    python launch/reward_model.py --config configs/stages/reward_model.yaml [dotted.key=value ...]
 
 Writes output_dir: an HF sequence-classification folder (id2label 0 NEGATIVE, 1 POSITIVE) + config.yaml +
 summary.json (held-out accuracy on whole reviews, review starts and single sentences; timings, the command). A folder

@@ -1,7 +1,7 @@
 """Fine-tune a causal LM on IMDB reviews: the SFT model WARP starts from (model.name=<output_dir> in a WARP run).
 
-    python launch/sft.py --config configs/sft.yaml [dotted.key=value ...]
-    accelerate launch --multi_gpu --num_processes 2 launch/sft.py --config configs/sft.yaml   # data-parallel
+    python launch/sft.py --config configs/stages/sft.yaml [dotted.key=value ...]
+    accelerate launch --multi_gpu --num_processes 2 launch/sft.py --config configs/stages/sft.yaml   # data-parallel
 
 Writes output_dir: an HF causal-LM folder + config.yaml + summary.json (eval loss before / after on held-out
 reviews, timings, the command). A folder that already holds this config's result is left alone (one line, exit 0);

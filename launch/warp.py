@@ -1,75 +1,20 @@
-"""Train with WARP.
+"""Train with WARP: the script `accelerate launch` runs on every rank (warp_dist.cli; `warp-train` is the same).
 
-    accelerate launch launch/warp.py --config configs/<preset>.yaml [dotted.key=value ...]
-    python launch/warp.py --config configs/tiny.yaml train.steps=3
+    accelerate launch launch/warp.py --config configs/warp/<preset>.yaml [dotted.key=value ...]
+    python launch/warp.py --config configs/warp/tiny.yaml train.steps=3
 
-Reads and validates the config, runs the preflight checks (warp_dist.preflight) and the memory plan
-(warp_dist.plan: refuses a run whose ranks cannot fit the device's memory) before anything expensive starts, then runs the WARP loop and prints a SFT-vs-WARP table. Bad input ends it with one line and exit code 2
-(`config error: ...` / `error: ...`; debug=true adds the traceback).
-Run folder: config.yaml, metrics.jsonl, final/, summary.json (+ iter_<i>/ when asked); a folder that already holds
-a run is refused unless resume=true or overwrite=true.
+Reads and validates the config, runs the pre-launch checks and the memory plan before anything expensive starts, then
+the WARP loop, and prints a SFT-vs-WARP table. Bad input ends it with one line and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from warp_dist.config import ConfigError, load_config  # noqa: E402
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="WARP alignment of a causal LM", epilog="overrides: dotted.key=value")
-    ap.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=5 merge.eta=0.3")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    """0 on success; 2 for bad input (config, topology, preflight, run folder); 1 for a run that failed cleanly."""
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from warp_dist import plan, preflight  # none of these imports torch: bad input is reported at once
-    from warp_dist.runner import RunDirError, print_error, run
-    from warp_dist.topology import TopologyError
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        preflight.check(cfg, world)  # before any weights load
-        plan.check(cfg, world)  # the memory plan (config.json only): refuses a run that cannot fit
-        run(cfg)
-        from warp_dist.dist import shutdown
-
-        shutdown()
-    except (ConfigError, TopologyError) as exc:
-        print_error(exc, cfg.debug, prefix="config error")
-        return 2
-    except RunDirError as exc:  # decided on rank 0 and raised on every rank: print it once
-        if os.environ.get("RANK", "0") == "0":
-            print_error(exc, cfg.debug)
-        return 2
-    except (preflight.PreflightError, plan.PlanError) as exc:
-        print_error(exc, cfg.debug)
-        return 2
-    except Exception as exc:
-        from warp_dist.guards import RunError
-
-        if not isinstance(exc, RunError):  # a bug: the full traceback
-            raise
-        print_error(exc, cfg.debug)  # e.g. a non-finite reward, a failing reward callable (ranks: fail_rank)
-        return 1
-    return 0
-
+from warp_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     sys.exit(main())

@@ -23,12 +23,12 @@ torch.is_autocast_enabled = _sees_cpu  # before DeepSpeed is imported: its modul
 
 from warp_dist import dist as distmod  # noqa: E402
 from warp_dist.config import load_config  # noqa: E402
-from warp_dist.rollout import Generations, build_batch  # noqa: E402
-from warp_dist.trainer import Warp  # noqa: E402
+from warp_dist.rollout.base import Generations, build_batch  # noqa: E402
+from warp_dist.training.session import Session  # noqa: E402
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 d = distmod.init(cfg.train.policies, 120, need_process_group=True)
-w = Warp(cfg, d, log=lambda *_: None)
+w = Session(cfg, d, log=lambda *_: None)
 w.policy.begin(w.init)
 w.reference.load_(w.init.part, "ema")
 dtypes = []

@@ -47,17 +47,34 @@ def _pin_xdist_worker() -> None:
 _pin_xdist_worker()
 
 # `make test` hands whole files to its workers (--dist loadfile) in collection order (--no-loadscope-reorder: xdist
-# would otherwise sort the files by their number of tests): the slowest files go first so that no worker is left
-# running one long file while the other idles (the first nine take 50-260 s each on the 2-core AVX2 box, 3/4 of the
-# suite's time; order from `pytest --durations=0`, 2026-12-07).
-SLOW_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_vllm.py", "test_benchmarks.py", "test_sweep.py",
-                    "test_preflight.py", "test_stages.py", "test_cuda_paths.py", "test_merging.py", "test_report.py",
-                    "test_plan.py", "test_guards.py", "test_e2e.py", "test_gpu.py")
+# would otherwise sort the files by their number of tests): the slowest files go first, so that no worker is left
+# running one long file while the other idles. How long each file takes is measured, not kept by hand:
+# `make test-durations` runs the suite and writes tests/durations.json (seconds per file); a file not in it (a new
+# one) goes first, as if it were the slowest.
+DURATIONS = Path(__file__).with_name("durations.json")
+_RECORD = os.environ.get("WARP_DIST_RECORD_DURATIONS", "")
+_spent: dict[str, float] = {}
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    import json
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    first = max(known.values(), default=0.0) + 1.0
+    items.sort(key=lambda item: -known.get(item.path.name, first))  # stable: each file keeps its own order
+
+
+def pytest_runtest_logreport(report):
+    if _RECORD:
+        name = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        _spent[name] = _spent.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if _RECORD and _spent and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import json
+
+        Path(_RECORD).write_text(json.dumps({k: round(v, 1) for k, v in sorted(_spent.items())}, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")

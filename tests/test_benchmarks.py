@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT  # noqa: F401 - puts the repository root on sys.path
+from tests.conftest import ROOT, subprocess_env  # ROOT: the repository root on sys.path
 
 MACHINE_KEYS = ("cpu_model", "cores", "torch", "transformers", "vllm", "cuda_device", "date")
 
@@ -92,7 +92,7 @@ def test_merge(results, tiny_model_path):
         if not merging.compiler_available():  # the compiled kernel is measured where it can run
             keys += ["compiled_gbps", "compiled_over_copy_bandwidth", "compile_first_call_s"]
             assert 0 <= r["compiled_call_overhead_s"] < 0.1, r["compiled_call_overhead_s"]
-        from warp_dist import native
+        from warp_dist.merging import native
 
         if not native.unavailable():  # the C++ kernel, where it builds
             keys += ["native_gbps", "native_over_copy_bandwidth", "stream_native_merge_s"]
@@ -122,7 +122,7 @@ def test_merge_ab(results, tmp_path):
     import shutil
 
     from benchmarks import merge_ab
-    from warp_dist import native
+    from warp_dist.merging import native
 
     if native.unavailable():
         pytest.skip(f"the native kernel cannot be built here: {native.unavailable()}")
@@ -138,7 +138,7 @@ def test_merge_ab(results, tmp_path):
             assert positive(r[k]), (k, r[k])
         ratios = sorted(c / b for c, b in zip(r["candidate_times_s"], r["baseline_times_s"], strict=True))
         assert r["candidate_over_baseline_time"] == pytest.approx(ratios[1], rel=1e-12)
-    assert native.SOURCE == merge_ab.ROOT / "warp_dist" / "merge_kernel.cpp"  # restored for later callers
+    assert native.SOURCE == merge_ab.ROOT / "warp_dist" / "merging" / "merge_kernel.cpp"  # restored for later callers
     with pytest.raises(SystemExit, match="--baseline: .* is not a file"):
         merge_ab.main(["--size", "tiny", "--baseline", str(tmp_path / "missing.cpp")])
     with pytest.raises(SystemExit, match=r"--policies: 9; allowed 1\.\.8"):
@@ -272,3 +272,22 @@ def test_peak_rss_anonymous_counts_a_tensor_but_not_a_mapped_file(tmp_path):
         t = torch.ones(16 << 20)  # 64 MiB, every page written
         del t
     assert anon.growth > 48 * mib, anon.growth / mib
+
+
+def test_compare_runs_sees_identical_and_different_runs(tmp_path, tiny_model_path):
+    """The before/after check of a refactor (benchmarks/compare_runs.py): the same tiny run twice is identical, bit for
+    bit (the trainer is deterministic on CPU); with merge.method=lerp the final weights differ."""
+    import subprocess
+    import sys
+
+    from benchmarks.compare_runs import main as compare
+
+    args = ["train.iterations=1", "train.steps=2", "data.num_eval_prompts=8", "eval.batch_size=8"]
+    for name, extra in (("a", []), ("b", []), ("lerp", ["merge.method=lerp"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "warp.py"), "--config",
+                               str(ROOT / "configs" / "warp" / "tiny.yaml"), f"output_dir={tmp_path / name}", *args,
+                               *extra], cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert compare([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert compare([str(tmp_path / "a"), str(tmp_path / "lerp")]) == 1

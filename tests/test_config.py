@@ -12,9 +12,9 @@ import pytest
 from warp_dist.config import ConfigError, WarpConfig, config_from_dict, load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "configs" / "warp" / "tiny.yaml"
 STAGE_PRESETS = ("sft", "reward_model")  # loaded by warp_dist.stages.config, tested below
-PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in STAGE_PRESETS)
+PRESETS = sorted((REPO / "configs" / "warp").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -30,11 +30,11 @@ def test_presets_load(path):
 def test_stage_presets_load(stage):
     from warp_dist.stages.config import load_stage_config
 
-    cfg = load_stage_config(stage, REPO / "configs" / f"{stage}.yaml", [])
+    cfg = load_stage_config(stage, REPO / "configs" / "stages" / f"{stage}.yaml", [])
     assert cfg.preset == stage
     assert cfg.output_dir.startswith(f"runs/{stage}-")
     with pytest.raises(ConfigError, match="train.lr"):
-        load_stage_config(stage, REPO / "configs" / f"{stage}.yaml", ["train.lr=-1"])
+        load_stage_config(stage, REPO / "configs" / "stages" / f"{stage}.yaml", ["train.lr=-1"])
 
 
 def test_tiny_preset_values():
@@ -167,7 +167,7 @@ def test_config_from_dict_roundtrip():
 
 def test_launcher_rejects_unknown_key_fast():
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "launch/warp.py", "--config", "configs/tiny.yaml", "train.stepz=3"],
+    res = subprocess.run([sys.executable, "launch/warp.py", "--config", "configs/warp/tiny.yaml", "train.stepz=3"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0
     assert res.returncode == 2, res.stderr
@@ -177,7 +177,7 @@ def test_launcher_rejects_unknown_key_fast():
 
 
 def test_launcher_rejects_bad_value():
-    res = subprocess.run([sys.executable, "launch/warp.py", "--config", "configs/tiny.yaml", "merge.eta=1.5"],
+    res = subprocess.run([sys.executable, "launch/warp.py", "--config", "configs/warp/tiny.yaml", "merge.eta=1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "merge.eta" in res.stderr

@@ -16,8 +16,11 @@ from warp_dist import merging, sampling
 from warp_dist.config import config_from_dict
 from warp_dist.data import bos_prefix, decode_pairs, make_prompts
 from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
-from warp_dist.rollout import HFBackend, SamplingConfig, build_batch
-from warp_dist.trainer import MergeDiagnostics, Warp, weighted_quantiles
+from warp_dist.rollout.base import SamplingConfig, build_batch
+from warp_dist.rollout.hf import HFBackend
+from warp_dist.training.merger import MergeDiagnostics, weighted_quantiles
+from warp_dist.training.rl_step import train_policy
+from warp_dist.training.session import Session
 
 # ------------------------------------------------------------------------ the processed sampling distribution
 
@@ -206,12 +209,12 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, tiny_model_path):
     because AdamW stepped bf16 weights and the EMA could not move; with fp32 master weights they agree."""
     norms = {}
     for dtype in ("float32", "bfloat16"):
-        w = Warp(_tiny_cfg(tmp_path / dtype, lr=1e-5, steps=10, model={"dtype": dtype}), log=lambda *_: None)
+        w = Session(_tiny_cfg(tmp_path / dtype, lr=1e-5, steps=10, model={"dtype": dtype}), log=lambda *_: None)
         for part in (w.policy.w, w.reference.w):
             assert all(part.local(n).dtype == torch.float32 for n in part.names)
-        assert all(w.init.own(n).dtype == torch.float32 for n in w.policy.names)
+        assert all(w.init.own(n).dtype == torch.float32 for n in w.weights.names)
         sft = w.state_dict("sft")
-        w.train_policy(iteration=1, policy=0)
+        train_policy(w, 1, 0)
         pol, ema = w.state_dict("policy"), w.state_dict("reference")
         norms[dtype] = sum((pol[n] - sft[n]).double().pow(2).sum() for n in sft).sqrt().item()
         ema_move = sum((ema[n] - sft[n]).double().pow(2).sum() for n in sft).sqrt().item()
@@ -222,7 +225,7 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, tiny_model_path):
 
 
 def test_deepspeed_precision_comes_from_model_dtype(tmp_path):
-    from warp_dist.policy import deepspeed_config
+    from warp_dist.training.policy import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
@@ -259,12 +262,12 @@ def test_gradient_checkpointing_changes_memory_not_the_math(tmp_path, tiny_model
     for gc in ("false", "true"):
         cfg = _tiny_cfg(tmp_path / gc, lr=1e-3, steps=3)
         cfg.train.gradient_checkpointing = gc
-        w = Warp(cfg, log=lambda *_: None)
+        w = Session(cfg, log=lambda *_: None)
         assert w.policy.checkpointing == (gc == "true")
-        w.train_policy(iteration=1, policy=0)
+        train_policy(w, 1, 0)
         states[gc] = w.state_dict("policy")
         w.close()
-    sft = Warp(_tiny_cfg(tmp_path / "sft"), log=lambda *_: None).state_dict("sft")
+    sft = Session(_tiny_cfg(tmp_path / "sft"), log=lambda *_: None).state_dict("sft")
     moved = max((states["false"][k] - sft[k]).abs().max().item() for k in sft)
     worst = max((states["false"][k] - states["true"][k]).abs().max().item() for k in sft)
     assert moved > 1e-3 and worst < 1e-5, (moved, worst)

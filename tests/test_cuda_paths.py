@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import ROOT, subprocess_env
 
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(ROOT / "configs" / "warp" / "tiny.yaml")
 
 
 def run_script(*argv: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -70,7 +70,7 @@ def test_cuda_queries_before_the_process_group_name_the_ranks_own_gpu(cuda_stand
     """model.dtype=auto and the memory plan ask CUDA before any process group exists: on LOCAL_RANK 3 every query
     names GPU 3 (today's code asked the default device, GPU 0, from every rank: a CUDA context each on the merger's
     GPU)."""
-    from warp_dist import plan
+    from warp_dist.checks import plan
     from warp_dist.config import load_config
 
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -158,7 +158,7 @@ def cuda_backend():
 def test_sleep_drops_the_weights_and_a_push_wakes_the_engine():
     """Sleep level 2 (no pinned host copy of weights that every step re-pushes anyway); the push wakes the weights,
     loads them, then the KV cache; sampling from an engine asleep without a push is refused."""
-    from warp_dist.rollout import StaleWeightsError
+    from warp_dist.rollout.base import StaleWeightsError
 
     b = cuda_backend()
     b.sleep()

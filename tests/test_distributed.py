@@ -24,7 +24,7 @@ def launch(n: int, script: str, *args: str, timeout: int = 420, cli: bool = Fals
 
 
 def tiny(out, *extra):
-    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", "train.steps=3", *extra]
+    return ["--config", str(ROOT / "configs" / "warp" / "tiny.yaml"), f"output_dir={out}", "train.steps=3", *extra]
 
 
 def _load(path):
@@ -95,7 +95,7 @@ def test_one_policy_ddp_group_keeps_ranks_in_sync(tmp_path, tiny_model_path):
 
 
 def test_evaluation_over_two_ranks_matches_one_rank(tmp_path, tiny_model_path):
-    cfg = str(ROOT / "configs" / "tiny.yaml")
+    cfg = str(ROOT / "configs" / "warp" / "tiny.yaml")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     p1 = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_eval_script.py"), cfg, str(one), "eval.batch_size=4"],
                         cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
@@ -250,7 +250,7 @@ def test_two_nodes_without_a_shared_output_dir_are_refused(tmp_path, tiny_model_
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                "--machine_rank", str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), "output_dir=run"]
+               str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"), "output_dir=run"]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
@@ -304,7 +304,7 @@ def test_per_rank_model_state_falls_with_the_group_size(group, tmp_path, tiny_mo
     held = {}
     for g in (1, group):
         out = tmp_path / f"g{g}.json"
-        argv = ["tests/held_bytes_script.py", str(ROOT / "configs" / "tiny.yaml"), str(out), *args,
+        argv = ["tests/held_bytes_script.py", str(ROOT / "configs" / "warp" / "tiny.yaml"), str(out), *args,
                 f"output_dir={tmp_path / f'run{g}'}"]
         if g == 1:
             proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1),

@@ -1,4 +1,4 @@
-"""`launch/warp.py` on configs/tiny.yaml in a subprocess writes the whole run folder."""
+"""`launch/warp.py` on configs/warp/tiny.yaml in a subprocess writes the whole run folder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.conftest import ROOT, subprocess_env
 
 def test_tiny_run_writes_metrics_summary_and_loadable_model(tmp_path, tiny_model_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", "save_iterations=true", "train.steps=3", "merge.kernel=compiled"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

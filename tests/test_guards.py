@@ -20,7 +20,8 @@ from warp_dist.guards import (
     describe_non_finite,
     where,
 )
-from warp_dist.rewards import RewardError, build_reward
+from warp_dist.rewards import build_reward
+from warp_dist.rewards.scorers import RewardError
 
 NAN, INF = float("nan"), float("inf")
 TOY = "tests.toy_rewards"
@@ -138,7 +139,7 @@ def test_real_vader_reward_passes_the_guard():
 def test_run_with_nan_reward_stops_with_one_line(tmp_path, tiny_model_path):
     """launch/warp.py end to end: the first reward call returns NaN; exit 1, one error line, no final model."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", "reward.kind=callable", f"reward.callable={TOY}:nan_every_other",
            "train.iterations=1", "train.steps=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -157,7 +158,7 @@ def test_nothing_moved_is_stopped_with_one_line(tmp_path, tiny_model_path):
     """The failure this project exists to rule out, reproduced on purpose: train.lr=0 cannot move the weights, and
     the run stops at the first merge with one line saying so (instead of reporting an 'aligned' model)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", "train.lr=0", "train.iterations=1", "train.steps=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -172,13 +173,15 @@ def test_a_weight_write_that_is_not_pushed_makes_the_next_sample_refuse(tmp_path
     is refused, naming where it was asked and the write that was not pushed. (Today's code bumped the version only
     together with a push, so this guard could never fire.)"""
     from warp_dist.config import config_from_dict
-    from warp_dist.rollout import StaleWeightsError
-    from warp_dist.trainer import Warp
+    from warp_dist.evaluation.evaluator import Evaluator
+    from warp_dist.rollout.base import StaleWeightsError
+    from warp_dist.training.rl_step import train_policy
+    from warp_dist.training.session import Session
 
     cfg = config_from_dict({"output_dir": str(tmp_path), "progress": False,
                             "data": {"num_train_prompts": 16, "num_eval_prompts": 4},
                             "train": {"iterations": 1, "policies": 1, "steps": 3, "batch_size": 4}})
-    w = Warp(cfg, log=lambda *_: None)
+    w = Session(cfg, log=lambda *_: None)
     try:
         real, calls = w.push_weights, []
 
@@ -190,13 +193,13 @@ def test_a_weight_write_that_is_not_pushed_makes_the_next_sample_refuse(tmp_path
         monkeypatch.setattr(w, "push_weights", skip_the_second)
         with pytest.raises(StaleWeightsError, match=r"^iteration 1 policy 0 step 2: .* \(last written by an "
                                                     r"optimizer step\): push the weights"):
-            w.train_policy(1, 0)
+            train_policy(w, 1, 0)
         assert len(calls) == 2
         monkeypatch.setattr(w, "push_weights", real)
         w.push_weights()
         w.sample(w.eval_prompts.ids, 0, list(range(len(w.eval_prompts))), "after a push")  # current again
         w.policy.w.load_(w.sft.part, "a test's load")
         with pytest.raises(StaleWeightsError, match="evaluation batch 0: .*a test's load"):
-            w.eval_batch(0)
+            Evaluator(w).batch(0)
     finally:
         w.close()

@@ -1,4 +1,4 @@
-"""The second judge (warp_dist.judge): which judge a reward gets, the config and preflight errors, and real
+"""The second judge (warp_dist.evaluation.judge): which judge a reward gets, the config and preflight errors, and real
 evaluations with a tiny BERT classifier built here (its tokenizer trained with `tokenizers`): as the reward, VADER
 judges; as the judge of a VADER reward, it scores P(positive) * 2 - 1."""
 
@@ -12,9 +12,10 @@ import torch
 
 from tests.conftest import ROOT
 from warp_dist.config import ConfigError, load_config
-from warp_dist.judge import judge_label, positive_label, resolve_judge
+from warp_dist.evaluation.judge import judge_label, resolve_judge
+from warp_dist.rewards.scorers import positive_label
 
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "configs" / "warp" / "tiny.yaml"
 SMALL = ["data.num_eval_prompts=8", "eval.batch_size=4", "rollout.max_new_tokens=8", "reward.max_length=128",
          "progress=false"]
 
@@ -90,18 +91,18 @@ def classifier(tmp_path_factory):
 def warp(tmp_path_factory, tiny_model_path, classifier):
     """One trainer (building one costs ~10 s here, mostly the bundled reviews); each test gives it the reward and
     judge its config builds, with the trainer's own builders (`_use`), so the tests do not depend on their order."""
-    from warp_dist.trainer import Warp
+    from warp_dist.training.session import Session
 
     cfg = load_config(TINY, [*SMALL, f"output_dir={tmp_path_factory.mktemp('judge') / 'run'}",
                              "reward.kind=classifier", f"reward.name={classifier}"])
-    w = Warp(cfg, log=lambda *_: None)
+    w = Session(cfg, log=lambda *_: None)
     yield w
     w.close()
 
 
 def _use(w, overrides):
     """Reward and judge of the tiny config with `overrides`, as Warp.__init__ builds them."""
-    from warp_dist.judge import build_judge
+    from warp_dist.evaluation.judge import build_judge
     from warp_dist.rewards import build_reward
 
     cfg = load_config(TINY, [*SMALL, *overrides])
@@ -112,8 +113,9 @@ def _use(w, overrides):
 def _evaluate(w):
     """Evaluate the SFT weights; -> (result, the whole texts the reward and the judge scored, in prompt order)."""
     from warp_dist.data import decode_pairs
+    from warp_dist.evaluation.evaluator import Evaluator
 
-    res = w.evaluate_state(None, None)  # the policy module holds the SFT weights
+    res = Evaluator(w).evaluate(None, None)  # the policy module holds the SFT weights
     texts = [decode_pairs(w.tokenizer, [w.eval_prompts.ids[i]], [c]) for i, c in enumerate(res.completions)]
     return res, [p[0] + c[0] for p, c in texts]
 
@@ -157,7 +159,7 @@ def test_vader_reward_is_judged_by_the_classifier(warp, classifier):
 
 
 def test_preflight_checks_the_judge_and_the_trackers(tmp_path, classifier):
-    from warp_dist import preflight
+    from warp_dist.checks import preflight
 
     bad = build_classifier(tmp_path / "unnamed", {0: "calm", 1: "angry"})
     cfg = load_config(TINY, [f"eval.judge_classifier={bad}", f"output_dir={tmp_path / 'r'}"])

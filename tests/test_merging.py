@@ -486,7 +486,7 @@ def test_compiled_merge_flags_non_finite_inputs():
 
 
 def _native():
-    from warp_dist import native
+    from warp_dist.merging import native
 
     why = native.unavailable()
     if why:
@@ -503,7 +503,7 @@ def test_native_merge_is_the_compiled_one_bit_for_bit(dtype, M, with_sft):
     seeds), a Gram matrix within the compiled one's bound, at every size (the compiled graph itself from 577 elements,
     where merge_pass would stay eager; below two Gram blocks the graph does not compile, and the eager merge is the
     reference)."""
-    native = _native()
+    _native()  # skips where the kernel cannot be built
     for n in (2, 3, 255, 256, 577, merging.COMPILED_MIN + 4321):
         init = _rand(n, seed=150 + n).to(dtype)
         policies = [(init.float() + 0.01 * _rand(n, seed=151 + m)).to(dtype) for m in range(M)]
@@ -527,7 +527,6 @@ def test_native_merge_is_the_compiled_one_bit_for_bit(dtype, M, with_sft):
         # lanes and blocks in fp64: ~16 u relative to sum |a_i b_i| at worst (u = 6e-8); a wrong entry is off by O(1)
         assert ((ng[:k, :k] - exact).abs() <= 1e-6 * scale).all(), n
         assert (ng[k:] == 0).all() and (ng[:, k:] == 0).all()
-    assert native.EPS == merging.EPS
 
 
 def test_native_merge_falls_back_to_eager_and_flags_non_finite_inputs():
@@ -594,7 +593,7 @@ def test_native_merge_of_large_outputs_is_the_same_aligned_or_not(dtype, M, with
 def _narrower_isas() -> list[str]:
     """-march levels below this CPU's vector width that it can run: the kernel's 8-float path (AVX2 + FMA, or SSE2
     without FMA or streaming stores) next to its 16-float AVX-512 one."""
-    from warp_dist import native
+    from warp_dist.merging import native
 
     flags = set(native._cpu_flags().split())
     levels = ["x86-64"] if "sse2" in flags else []
@@ -636,7 +635,8 @@ def test_native_kernel_gives_the_same_merge_at_every_vector_width(narrow_cache, 
         monkeypatch.setattr(native, "_FN", None)
         for init, policies, sft, (rs, rn, rg) in cases:
             out, nxt = torch.empty_like(init), torch.empty_like(init)
-            g = native.merge(init, policies, sft, 0.4, 0.3, out, nxt)
+            g = native.gram(init, policies, sft)
+            native.apply(init, policies, merging.slerp_coefficients(g[:M, :M], 0.4), 0.3, out, nxt)
             assert (out.float() - rs.float()).abs().max().item() <= tol, (level, init.numel())
             assert (nxt.float() - rn.float()).abs().max().item() <= tol, (level, init.numel())
             # |a.b| <= max diagonal: the sums' rounding bound (~16 u of sum |a_i b_i|) with room; a wrong entry is off
@@ -699,7 +699,7 @@ def test_kernel_for_auto_compiles_only_when_the_eager_merges_would_take_long(mon
     big = 4 * 7_000_000_000  # a 7 B model: minutes of eager merging -> native, when its kernel builds here
     expected = "eager" if merging.compiler_available() else "native"
     assert merging.kernel_for("auto", big, 2, 2) == expected
-    from warp_dist import native
+    from warp_dist.merging import native
 
     if not merging.compiler_available():  # a kernel that does not build: auto takes torch.compile's
         monkeypatch.setattr(native, "unavailable", lambda: "merge.kernel=native: building failed")
@@ -719,16 +719,17 @@ def test_config_allows_exactly_auto_and_the_merge_kernels():
     assert config.MERGE_KERNELS == ("auto", *merging.KERNELS)
 
 
-def test_tensor_slerp_coefficients_equal_the_float_ones_including_fallbacks():
-    """The compiled graph folds SLERP in tensor ops (`slerp_coefficients_tensor`); it must be `slerp_coefficients`."""
+def test_slerp_coefficients_equal_slerp_of_the_vectors_including_fallbacks():
+    """Every kernel merges with `slerp_coefficients` of the Gram matrix: they must give the vector SLERP
+    (`slerp_many`) for orthogonal, colinear (sin(Omega) = 0 -> lerp), zero (-> lerp), single and random vectors."""
     ds = [_rand(40, seed=140 + i).double() for i in range(4)]
-    cases = [torch.eye(2, dtype=torch.float64),  # orthogonal
-             torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64),  # colinear: sin(Omega) = 0 -> lerp
-             torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64),  # a zero task vector -> lerp
-             torch.tensor([[3.0]], dtype=torch.float64)]
-    cases += [torch.stack([torch.stack([a @ b for b in ds[:m]]) for a in ds[:m]]) for m in (2, 3, 4)]
-    for g in cases:
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    cases = [[e1, e2], [e1, 2 * e1], [torch.zeros(2, dtype=torch.float64), e2], [3 * e1]]
+    cases += [ds[:m] for m in (2, 3, 4)]
+    for vs in cases:
+        g = torch.stack([torch.stack([a @ b for b in vs]) for a in vs])
         for lam in (0.3, 0.5):
-            want = merging.slerp_coefficients(g, lam)
-            got = merging.slerp_coefficients_tensor(g, torch.tensor(lam, dtype=torch.float64)).tolist()
-            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (g, lam)
+            coef = merging.slerp_coefficients(g, lam)
+            got = sum(c * v for c, v in zip(coef, vs, strict=True))
+            want = merging.slerp_many(list(vs), lam)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (vs, lam, coef)  # slerp_many works in fp32

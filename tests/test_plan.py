@@ -1,4 +1,4 @@
-"""The memory plan (warp_dist.plan): arithmetic of the memory rule, the command, and the refusal before any weights."""
+"""The memory plan (warp_dist.checks.plan): arithmetic of the memory rule, the command, and the refusal before any weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, subprocess_env
-from warp_dist import plan
+from warp_dist.checks import plan
 from warp_dist.config import load_config
 
 SMOL = ["model.name=embedded:smollm2-135m", "train.batch_size=16"]
@@ -24,7 +24,7 @@ def arch_7b() -> plan.Arch:
 
 
 def cfg_of(*overrides, preset="tiny.yaml"):
-    return load_config(ROOT / "configs" / preset, list(overrides))
+    return load_config(ROOT / "configs" / "warp" / preset, list(overrides))
 
 
 def model_state(p: plan.Plan, rank: int) -> int:
@@ -35,7 +35,7 @@ def model_state(p: plan.Plan, rank: int) -> int:
 def test_arch_from_config_counts_the_parameters():
     a = arch_7b()
     assert 7.5e9 < a.num_params < 7.7e9  # Qwen2.5-7B: 7.62 B parameters (untied embeddings)
-    assert a.largest_tensor == 152064 * 3584 and a.layers == 28 and a.kv_heads == 4
+    assert a.largest_tensor == 152064 * 3584 and a.dims.layers == 28 and a.dims.kv_heads == 4
     assert a.largest_layer < a.num_params / 20
 
 
@@ -84,7 +84,7 @@ def test_parse_bytes():
 
 
 def test_plan_command_prints_every_component():
-    cmd = [sys.executable, "-m", "warp_dist.plan", "--config", str(ROOT / "configs" / "qwen2_5_7b_8gpu.yaml"),
+    cmd = [sys.executable, "-m", "warp_dist.checks.plan", "--config", str(ROOT / "configs" / "warp" / "qwen2_5_7b_8gpu.yaml"),
            "--ranks", "8", "--device", "cuda", "--device-memory", "80GB", "--model-config", str(QWEN)]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE=1), capture_output=True, text=True,
                           timeout=120)
@@ -101,7 +101,7 @@ def test_launch_refuses_a_run_that_cannot_fit_before_loading_weights(tmp_path):
     """launch/warp.py runs the plan after the preflight: one line, exit 2, in seconds, nothing written."""
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
                            f"output_dir={out}"], cwd=ROOT, env=subprocess_env(WARP_DIST_DEVICE_MEMORY="100MB"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

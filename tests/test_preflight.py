@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import ROOT, accelerate_launch, subprocess_env
-from warp_dist import preflight
+from warp_dist.checks import preflight
 from warp_dist.config import load_config
 from warp_dist.runner import (
     RESUME_MAY_CHANGE,
@@ -33,12 +33,12 @@ from warp_dist.runner import (
 )
 from warp_dist.topology import TopologyError
 
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "configs" / "warp" / "tiny.yaml"
 HINT = "use a local folder or embedded:smollm2-135m / embedded:tiny-gpt2"
 
 
 def launch(*overrides: str, block: tuple[str, ...] = (), env: dict | None = None, timeout: int = 300):
-    """python launch/warp.py --config configs/tiny.yaml <overrides>, optionally with packages made unimportable."""
+    """python launch/warp.py --config configs/warp/tiny.yaml <overrides>, optionally with packages made unimportable."""
     argv = [str(ROOT / "launch" / "warp.py"), "--config", str(TINY), *overrides]
     if block:
         code = (f"import runpy, sys\nfor m in {list(block)!r}: sys.modules[m] = None\n"
@@ -329,11 +329,13 @@ def test_smollm2_parameters_from_the_gguf_before_it_is_built(tmp_path):
     cfg = load_config(None, ["model.name=embedded:smollm2-135m", f"model.cache_dir={tmp_path / 'cache'}"])
     assert preflight.check_model(cfg) == 134_515_008
     assert not (tmp_path / "cache").exists()
-    reads = preflight._gguf_config.cache_info().misses
-    mine = preflight._embedded_config(cfg)
-    assert mine.hidden_size == 576 and preflight._gguf_config.cache_info().misses == reads  # not read again
+    from warp_dist import modelinfo
+
+    reads = modelinfo.gguf_config.cache_info().misses
+    mine = preflight.model_config_of(cfg)
+    assert mine.hidden_size == 576 and modelinfo.gguf_config.cache_info().misses == reads  # not read again
     mine.hidden_size = 1
-    assert preflight._embedded_config(cfg).hidden_size == 576
+    assert preflight.model_config_of(cfg).hidden_size == 576
 
 
 # ------------------------------------------------------------------------------------------------- run folder
@@ -497,7 +499,7 @@ def test_eval_reports_a_missing_model_in_one_line(tmp_path):
 
 
 def test_preflight_command_prints_the_disk_plan(tmp_path, tiny_model_path):
-    proc = subprocess.run([sys.executable, "-m", "warp_dist.preflight", "--config", str(TINY),
+    proc = subprocess.run([sys.executable, "-m", "warp_dist.checks.preflight", "--config", str(TINY),
                            f"output_dir={tmp_path / 'run'}", "save_iterations=true", "save_dtype=bfloat16"],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""launch/eval.py and the report on a tiny finished run; the plain-REINFORCE baseline through the same path.
+"""launch/eval.py (warp_dist.evaluation.runs) and the report on a tiny finished run; the plain-REINFORCE baseline through the same path.
 
 One module-scoped fixture trains a tiny WARP run (2 iterations x 2 policies x 2 steps, iter_<i>/ kept) and a
 one-beta baseline sweep, then runs launch/eval.py once on them (~1.5 min on 2 cores); the other tests read its files.
@@ -6,7 +6,6 @@ one-beta baseline sweep, then runs launch/eval.py once on them (~1.5 min on 2 co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -32,10 +31,9 @@ def _run(args, timeout=300):
 
 
 def _eval_module():
-    spec = importlib.util.spec_from_file_location("launch_eval", ROOT / "launch" / "eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from warp_dist.evaluation import runs
+
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +41,10 @@ def finished(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("report")
     run = root / "warp"
     # eval.batch_size=8: the 16 eval prompts make 2 batches, so a 2-rank evaluation really splits them
-    _run([str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={run}",
+    _run([str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"), f"output_dir={run}",
           "train.steps=2", "save_iterations=true", "eval.batch_size=8"])
     base = root / "baselines"
-    proc = _run(["-m", "warp_dist.sweep", "--config", str(ROOT / "configs" / "baseline_reinforce.yaml"),
+    proc = _run(["-m", "warp_dist.sweep", "--config", str(ROOT / "configs" / "warp" / "baseline_reinforce.yaml"),
                  "--betas", "0.05", "--out", str(base), *TINY_BASELINE, f"eval.reuse_from={run}"])
     assert f"baselines: {base / 'beta_0.05'}" in proc.stdout
     _run([str(ROOT / "launch" / "eval.py"), "--run", str(run), "--eta-grid", "0,0.5,1", "--iterations",
@@ -119,16 +117,16 @@ def test_reused_rows_equal_recomputed_ones(finished, tmp_path):
 
 
 def test_eval_store_reuses_only_the_same_weights_and_settings(tmp_path):
-    from warp_dist import evalcache
     from warp_dist.config import load_config
-    from warp_dist.evaluation import EvalResult
+    from warp_dist.evaluation import evalcache
+    from warp_dist.evaluation.metrics import EvalResult
 
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"abc")
     assert evalcache.folder_digest(tmp_path / "nothing") is None and evalcache.folder_digest(tmp_path) is None
     dg = evalcache.folder_digest(folder)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [])
+    cfg = load_config(ROOT / "configs" / "warp" / "tiny.yaml", [])
     setting = evalcache.settings(cfg, False)
     res = EvalResult({"reward_mean": 0.5}, [[1, 2]], ["x"], [0.5], [0.1], None)
     evalcache.write(tmp_path, setting, {"final": (dg, res), "gone": (None, res)}, "sft-digest")
@@ -136,7 +134,7 @@ def test_eval_store_reuses_only_the_same_weights_and_settings(tmp_path):
     assert store.get("final", setting, dg, "sft-digest") == res and store.get("gone", setting, dg, "sft-digest") is None
     assert store.get("final", setting, dg, "other-sft") is None
     assert store.get("final", evalcache.settings(cfg, True), dg, "sft-digest") is None  # DeepSpeed-trained
-    other = load_config(ROOT / "configs" / "tiny.yaml", ["data.num_eval_prompts=32"])
+    other = load_config(ROOT / "configs" / "warp" / "tiny.yaml", ["data.num_eval_prompts=32"])
     assert store.get("final", evalcache.settings(other, False), dg, "sft-digest") is None
     (folder / "model.safetensors").write_bytes(b"abd")  # the same folder, other weights
     assert store.get("final", setting, evalcache.folder_digest(folder), "sft-digest") is None
@@ -211,7 +209,7 @@ def test_report_files_are_real(finished):
 
 def test_report_builds_from_rows_alone(tmp_path):
     """No model: hand-written rows, a multi-rank metrics.jsonl (ranks of one group averaged), samples from summary."""
-    from warp_dist import report
+    from warp_dist.evaluation import report
 
     out = tmp_path / "report"
     out.mkdir()
@@ -269,12 +267,12 @@ def test_baseline_preset_is_valid_as_shipped():
     from warp_dist.config import load_config
     from warp_dist.sweep import plan_sweep
 
-    cfg = load_config(ROOT / "configs" / "baseline_reinforce.yaml")
+    cfg = load_config(ROOT / "configs" / "warp" / "baseline_reinforce.yaml")
     assert (cfg.train.policies, cfg.train.iterations, cfg.train.anchor, cfg.merge.eta) == (1, 1, "sft", 1.0)
-    demo = load_config(ROOT / "configs" / "demo.yaml")
+    demo = load_config(ROOT / "configs" / "warp" / "demo.yaml")
     for part in ("model", "data", "reward", "rollout", "eval"):  # compared on the demo's prompts and reward
         assert getattr(cfg, part) == getattr(demo, part), part
-    cfgs = plan_sweep(ROOT / "configs" / "baseline_reinforce.yaml", [0.01, 0.3], "runs/b", ["train.steps=2"])
+    cfgs = plan_sweep(ROOT / "configs" / "warp" / "baseline_reinforce.yaml", [0.01, 0.3], "runs/b", ["train.steps=2"])
     assert [(c.train.beta, c.output_dir, c.train.steps) for c in cfgs] == [(0.01, "runs/b/beta_0.01", 2),
                                                                           (0.3, "runs/b/beta_0.3", 2)]
 

@@ -23,7 +23,7 @@ ARGS = ["train.steps=3", "checkpoint_every=1", "progress=false"]
 
 
 def warp(out, *extra, env=None, timeout=300):
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", *ARGS, *extra]
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
@@ -74,7 +74,7 @@ def test_killed_at_a_point_then_resumed_is_bit_identical(point, reference, tmp_p
 def test_killed_twice_and_at_a_random_moment(reference, tmp_path):
     """Killed at a random moment from outside, killed again while resuming, resumed again."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", *ARGS]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

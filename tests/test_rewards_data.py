@@ -9,7 +9,8 @@ import torch
 
 from warp_dist.config import DataConfig, RewardConfig
 from warp_dist.data import clean, load_bundled_reviews, load_prompts, make_prompts
-from warp_dist.rewards import CallableReward, ClassifierReward, VaderReward, build_reward
+from warp_dist.rewards import build_reward
+from warp_dist.rewards.scorers import CallableReward, ClassifierReward, VaderReward
 
 
 # Reward functions referenced as `<this module>:<name>`; the module is already in sys.modules under __name__,

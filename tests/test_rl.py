@@ -9,42 +9,50 @@ import pytest
 import torch
 from torch import nn
 
-from warp_dist.rl import (
+from warp_dist.rollout.base import Generations, build_batch, truncate_at_eos
+from warp_dist.sampling import token_logprobs
+from warp_dist.training.rl import (
     baseline,
     ema_update,
     kl_estimate,
     kl_shaped_reward,
     reinforce_loss,
     sequence_logprob,
-    token_logprobs,
 )
-from warp_dist.rollout.base import Generations, build_batch, truncate_at_eos
 
-# --------------------------------------------------------------------------------------- token_logprobs
+
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The test's reference: [B, L-1], entry t = log softmax(logits[:, t])[ids[:, t+1]] (fp32)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+# ------------------------------------------------------------------- the trainer's token log-probs (sampling.py)
 
 
 def test_token_logprobs_alignment():
+    """The trainer's log-probs (plain distribution: T = 1, no filters): position t of the logits scores target t."""
     g = torch.Generator().manual_seed(0)
-    B, L, V = 3, 6, 7
-    logits = torch.randn(B, L, V, generator=g)
-    ids = torch.randint(0, V, (B, L), generator=g)
-    out = token_logprobs(logits, ids)
-    assert out.shape == (B, L - 1)
+    B, C, V = 3, 6, 7
+    logits = torch.randn(B, C, V, generator=g)
+    targets = torch.randint(0, V, (B, C), generator=g)
+    out = token_logprobs(logits, targets, torch.ones(B, C))
+    assert out.shape == (B, C)
     for b in range(B):
-        for t in range(L - 1):
-            exp = torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]
+        for t in range(C):
+            exp = torch.log_softmax(logits[b, t], -1)[targets[b, t]]
             assert out[b, t].item() == pytest.approx(exp.item(), abs=1e-6)
-    # all entries are log-probs
-    assert (out <= 0).all()
+    assert (out <= 0).all()  # all entries are log-probs
 
 
 def test_token_logprobs_low_precision_logits_give_fp32_and_grad():
     logits = torch.randn(2, 4, 5).to(torch.bfloat16).requires_grad_(True)
-    ids = torch.randint(0, 5, (2, 4))
-    out = token_logprobs(logits, ids)
+    targets = torch.randint(0, 5, (2, 4))
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0]])
+    out = token_logprobs(logits, targets, mask)
     assert out.dtype == torch.float32
     out.sum().backward()
-    assert logits.grad is not None and logits.grad[:, -1].abs().sum().item() == 0  # last position unused
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert logits.grad[:, -1].abs().sum().item() == 0  # the masked position is unused
 
 
 def test_sequence_logprob_masked_sum():
@@ -77,7 +85,7 @@ class Bigram(nn.Module):
 
 def _seq_logps(model, ids, mask):
     with torch.no_grad():
-        return token_logprobs(model(ids), ids), mask
+        return next_token_logprobs(model(ids), ids), mask
 
 
 def _all_sequences(prompt: list[int], n_new: int = 2) -> torch.Tensor:
@@ -301,7 +309,7 @@ def test_build_batch_keep_positions_predict_the_completion():
     prompts, comps = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
     b = build_batch(Generations(prompts, comps), pad_id=0)
     logits = torch.randn(*b.ids.shape, 10, generator=g)
-    full = token_logprobs(logits, b.ids)  # [B, L-1]: entry t predicts ids[:, t+1]
+    full = next_token_logprobs(logits, b.ids)  # [B, L-1]: entry t predicts ids[:, t+1]
     P = b.prompt_len
     kept = torch.log_softmax(logits[:, -b.keep:][:, :-1], -1).gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(kept * b.mask, full[:, P - 1:] * b.mask)

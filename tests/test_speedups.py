@@ -13,8 +13,8 @@ import torch
 
 from warp_dist import sampling
 from warp_dist.config import ConfigError, config_from_dict
-from warp_dist.policy import EAGER_MAX_TOKENS, attention_impl
-from warp_dist.trainer import Warp
+from warp_dist.training.policy import EAGER_MAX_TOKENS, attention_impl
+from warp_dist.training.session import Session
 
 # bf16 autocast vs fp32, token log-probs (nats) of the tiny GPT-2 on the sampled completions below: measured max |diff|
 # 0.0016, mean 0.0005 (2-core Xeon, sdpa and eager alike); the bounds leave ~6x / 4x room
@@ -36,11 +36,11 @@ def _cfg(tmp_path, **model):
 @pytest.fixture(scope="module")
 def batch_and_fp32(tmp_path_factory, tiny_model_path):
     """One sampled batch (left-padded prompts of 3..8 tokens, completions of unequal length) and its fp32 log-probs."""
-    w = Warp(_cfg(tmp_path_factory.mktemp("fp32"), attention="sdpa"), log=lambda *_: None)
+    w = Session(_cfg(tmp_path_factory.mktemp("fp32"), attention="sdpa"), log=lambda *_: None)
     try:
         prompts = [w.train_prompts.ids[i] for i in range(8)]
         gens = w.backend.generate(prompts, w.sampling, seed=11)
-        from warp_dist.rollout import build_batch
+        from warp_dist.rollout.base import build_batch
 
         batch = build_batch(gens, w.pad)
         lp, _ = w.logprobs(w.reference.logits, batch)
@@ -69,7 +69,7 @@ def test_completion_only_logits_equal_the_full_pass(batch_and_fp32):
 
 
 def test_tiny_gpt2_supports_completion_only_logits(tmp_path, tiny_model_path):
-    w = Warp(_cfg(tmp_path), log=lambda *_: None)
+    w = Session(_cfg(tmp_path), log=lambda *_: None)
     try:
         assert w.reference.w._keep and w.policy.w._keep  # the fast path is the one the trainer takes
     finally:
@@ -79,7 +79,7 @@ def test_tiny_gpt2_supports_completion_only_logits(tmp_path, tiny_model_path):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_bf16_autocast_logprobs_within_tolerance_of_fp32(batch_and_fp32, tmp_path, attention):
     batch, lp32, _ = batch_and_fp32
-    w = Warp(_cfg(tmp_path, dtype="bfloat16", attention=attention), log=lambda *_: None)
+    w = Session(_cfg(tmp_path, dtype="bfloat16", attention=attention), log=lambda *_: None)
     try:
         assert w.attention == attention
         lp16, _ = w.logprobs(w.reference.logits, batch)
@@ -97,7 +97,7 @@ def test_bf16_autocast_logprobs_within_tolerance_of_fp32(batch_and_fp32, tmp_pat
 
 def test_eager_attention_equals_sdpa_in_fp32(batch_and_fp32, tmp_path):
     batch, lp_sdpa, _ = batch_and_fp32
-    w = Warp(_cfg(tmp_path, attention="eager"), log=lambda *_: None)
+    w = Session(_cfg(tmp_path, attention="eager"), log=lambda *_: None)
     try:
         assert w.policy.module.config._attn_implementation == "eager"
         lp, _ = w.logprobs(w.reference.logits, batch)
@@ -120,7 +120,7 @@ def test_auto_attention_rule():
 
 def test_auto_attention_in_the_trainer(tmp_path, tiny_model_path):
     for dtype, kernel in (("bfloat16", "eager"), ("float32", "sdpa")):  # prompts 8 + 2 + 10 new tokens: short
-        w = Warp(_cfg(tmp_path / dtype, dtype=dtype), log=lambda *_: None)
+        w = Session(_cfg(tmp_path / dtype, dtype=dtype), log=lambda *_: None)
         try:
             assert w.attention == kernel  # fp32: the tiny GPT-2's own default, sdpa
             for m in (w.policy.module, w.reference.w.module):

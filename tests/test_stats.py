@@ -1,4 +1,4 @@
-"""warp_dist.stats against closed forms and known cases: t quantiles, the interval of a mean, the paired bootstrap,
+"""warp_dist.evaluation.stats against closed forms and known cases: t quantiles, the interval of a mean, the paired bootstrap,
 distinct-n."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from warp_dist import stats
+from warp_dist.evaluation import stats
 
 
 @pytest.mark.parametrize("df,ref", [(1, 12.706204736), (2, 4.302652730), (5, 2.570581836), (10, 2.228138852),

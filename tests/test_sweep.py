@@ -19,7 +19,7 @@ from tests.conftest import ROOT, subprocess_env
 from tests.test_tracking import tb_scalars, tb_texts
 from warp_dist import sweep
 
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "configs" / "warp" / "tiny.yaml"
 GRID = ["--grid", "train.lr=1e-3,2e-3"]
 FIXED = ["train.steps=1", "train.iterations=1", "train.batch_size=4", "rollout.max_new_tokens=6",
          "data.num_eval_prompts=8", "eval.batch_size=8",

@@ -22,9 +22,11 @@ from tests.conftest import ROOT, accelerate_launch, subprocess_env
 pytest.importorskip("vllm")
 
 from warp_dist.config import VllmConfig  # noqa: E402
+from warp_dist.modelinfo import Dims, kv_cache_bytes  # noqa: E402
 from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer  # noqa: E402
-from warp_dist.rollout import HFBackend, SamplingConfig, StaleWeightsError, build_batch, request_seed  # noqa: E402
-from warp_dist.rollout.vllm import VllmBackend, cpu_slice, kv_cache_bytes  # noqa: E402
+from warp_dist.rollout.base import SamplingConfig, StaleWeightsError, build_batch, request_seed  # noqa: E402
+from warp_dist.rollout.hf import HFBackend  # noqa: E402
+from warp_dist.rollout.vllm import VllmBackend, cpu_slice  # noqa: E402
 from warp_dist.sampling import token_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -66,10 +68,10 @@ def test_kv_cache_is_sized_to_the_batch(state):
 
     engine = state["engine"]
     cfg = AutoConfig.from_pretrained(engine.llm.llm_engine.model_config.model)
-    want = kv_cache_bytes(cfg, torch.float32, 16, 64)
+    want = kv_cache_bytes(Dims.of(cfg), 4, 16, 64)
     assert engine.kv_cache_bytes == want and want < 2**30 / 8  # far below the old fixed 1 GiB
     # a rank of a tensor-parallel engine holds its share of the KV heads (tiny GPT-2: 2 heads, 1 per rank of 2)
-    assert kv_cache_bytes(cfg, torch.float32, 16, 64, tensor_parallel=2) == pytest.approx(want / 2, abs=1)
+    assert kv_cache_bytes(Dims.of(cfg), 4, 16, 64, tensor_parallel=2) == pytest.approx(want / 2, abs=1)
 
 
 def test_greedy_matches_hf(state):
@@ -177,7 +179,7 @@ def test_only_unmapped_shared_memory_segments_are_removed(tmp_path):
 
 def run_tp_script(n: int, policies: int, tmp_path, timeout: int) -> dict:
     out = tmp_path / "tp.json"
-    cmd = accelerate_launch(n, str(ROOT / "tests" / "tp_engine_script.py"), str(ROOT / "configs" / "tiny.yaml"),
+    cmd = accelerate_launch(n, str(ROOT / "tests" / "tp_engine_script.py"), str(ROOT / "configs" / "warp" / "tiny.yaml"),
                             str(out), f"output_dir={tmp_path / 'run'}", f"train.policies={policies}", *TP_ARGS)
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                           timeout=timeout)
@@ -213,7 +215,7 @@ def test_tensor_parallel_engine_over_a_zero3_group(state, tmp_path, tiny_model_p
     version = engine.version + 1
     engine.update_weights(lambda: iter(model.state_dict().items()), version)
     try:
-        s = SamplingConfig.from_rollout(load_config(ROOT / "configs" / "tiny.yaml", ["output_dir=unused"]).rollout,
+        s = SamplingConfig.from_rollout(load_config(ROOT / "configs" / "warp" / "tiny.yaml", ["output_dir=unused"]).rollout,
                                         state["eos"])
         one = engine.generate(got["prompts"], s, seed=got["seed"], version=version,
                               indices=list(range(len(got["prompts"]))))
@@ -244,7 +246,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from warp_dist.config import VllmConfig
     from warp_dist.models import load_tokenizer
-    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.base import SamplingConfig
     from warp_dist.rollout.vllm import VllmBackend
 
     out_dir, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -315,7 +317,7 @@ BF16_SCRIPT = textwrap.dedent("""
     import torch
     from warp_dist.config import VllmConfig
     from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
-    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.base import SamplingConfig
     from warp_dist.rollout.vllm import VllmBackend
 
     out, path = sys.argv[1], sys.argv[2]
@@ -378,7 +380,7 @@ DIRECT_SCRIPT = textwrap.dedent("""
     from transformers import LlamaConfig, LlamaForCausalLM
     from warp_dist.config import VllmConfig
     from warp_dist.models import eos_token_ids, load_causal_lm, load_tokenizer
-    from warp_dist.rollout import SamplingConfig
+    from warp_dist.rollout.base import SamplingConfig
     from warp_dist.rollout.vllm import VllmBackend
 
     out, gpt2, tmp, which, dtype = sys.argv[1:6]
@@ -522,7 +524,7 @@ VLLM_RUN = ["rollout.backend=vllm", "train.steps=3", "save_iterations=true", "ro
 
 
 def vllm_warp(out, *extra, env=None):
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", *VLLM_RUN, *extra]
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
                           timeout=300)
@@ -570,7 +572,7 @@ def test_k_completions_per_prompt_with_rloo(tmp_path, tiny_model_path):
     """rollout.num_completions=2 on vLLM: the prompt is one request with n = 2 (prefilled once), both completions
     are scored and trained on with the per-prompt leave-one-out baseline."""
     out = tmp_path / "k2"
-    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
            f"output_dir={out}", "rollout.backend=vllm", "rollout.num_completions=2", "train.steps=2",
            "train.iterations=1", "train.batch_size=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)

@@ -42,7 +42,7 @@ NOT_CALLABLE = 3  # reward.callable=tests.toy_rewards:NOT_CALLABLE names somethi
 
 
 def nan_in_training(prompts, completions):
-    """0.5 for evaluation batches (16 prompts in configs/tiny.yaml), NaN for the first completion of a training
+    """0.5 for evaluation batches (16 prompts in configs/warp/tiny.yaml), NaN for the first completion of a training
     batch (8 prompts): the guard must name the iteration, policy and step."""
     return [float("nan") if len(completions) == 8 and i == 0 else 0.5 for i in range(len(completions))]
 

@@ -14,25 +14,27 @@ from pathlib import Path
 
 from warp_dist import dist as distmod
 from warp_dist.config import load_config
-from warp_dist.trainer import Warp, policy_seed
+from warp_dist.evaluation.evaluator import Evaluator
+from warp_dist.training.rl_step import policy_seed, rl_step
+from warp_dist.training.session import Session
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 d = distmod.init(cfg.train.policies, 120, need_process_group=True)
-w = Warp(cfg, d, log=lambda *_: None)
+w = Session(cfg, d, log=lambda *_: None)
 assert w.group_sampling, "expected one engine over the group"
 m = d.topo.policies_of(d.rank)[0]
 w.policy.begin(w.init)
 w.reference.load_(w.init.part, "ema")
 w.push_weights()
 order = list(range(len(w.train_prompts)))
-records = [w.rl_step(1, m, step, policy_seed(cfg.train.seed, 1, m), order) for step in (1, 2)]
+records = [rl_step(w, 1, m, step, policy_seed(cfg.train.seed, 1, m), order) for step in (1, 2)]
 prompts = w.eval_prompts.ids[:8]
 gens = w.sample(prompts, 4321, list(range(len(prompts))), "test")
 full = w.state_dict()  # gathered from the ZeRO-3 partitions (a collective)
 group = d.topo.group_of(d.rank)
 for extra in range(group + 1):
     w.sample(w.eval_prompts.ids[8 * extra: 8 * extra + 4 + group], 99 + extra, list(range(4 + group)), "extra")
-ev = w.evaluate_state(None, None)  # sharded by group: every rank of a group runs the group's batches
+ev = Evaluator(w).evaluate(None, None)  # sharded by group: every rank of a group runs the group's batches
 every = d.all_gather_object({"tokens": gens.completion_ids, "logprobs": gens.sampler_logprobs, "train": records,
                              "group": group, "seed": w.backend.seed, "eval_prompts": ev.metrics["num_prompts"]})
 if d.is_main:

@@ -15,12 +15,12 @@ import yaml
 from .guards import RunError
 
 
-def _tmp_dir_for(path: Path) -> Path:
+def tmp_dir_for(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def replace_dir(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -44,7 +44,7 @@ def save_model(model, state: dict[str, torch.Tensor] | None, tokenizer, path: st
     path = Path(path)
     state = model.state_dict() if state is None else state
     tensors = {k: state[k].detach().to("cpu").contiguous() for k in unique_names(state)}
-    tmp = _tmp_dir_for(path)
+    tmp = tmp_dir_for(path)
     try:
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
@@ -52,7 +52,7 @@ def save_model(model, state: dict[str, torch.Tensor] | None, tokenizer, path: st
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -68,7 +68,7 @@ def save_hf_folder(path: str | Path, config, tokenizer, names: list[str], shapes
     from .weights import write_stream
 
     path = Path(path)
-    tmp = _tmp_dir_for(path)
+    tmp = tmp_dir_for(path)
     try:
         config.save_pretrained(str(tmp))
         if generation_config is not None:
@@ -85,7 +85,7 @@ def save_hf_folder(path: str | Path, config, tokenizer, names: list[str], shapes
         write_stream(tmp / "model.safetensors", specs, stream())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

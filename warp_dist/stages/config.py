@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, _check, flat, load_into
+from ..config import ConfigError, flat, load_into, require
 
 STAGES = ("sft", "reward_model")
 
@@ -81,24 +81,24 @@ class SftConfig:
 def validate_sft(c: SftConfig) -> None:
     """Range and choice checks; raises ConfigError naming the first bad field."""
     m, d, t = c.model, c.data, c.train
-    _check(bool(m.name), "model.name", "a hub id, a local folder or embedded:smollm2-135m | embedded:tiny-gpt2", m.name)
-    _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
-    _check(d.skip_reviews >= 0, "data.skip_reviews", ">= 0", d.skip_reviews)
-    _check(d.num_train_reviews >= t.batch_size, "data.num_train_reviews", f">= train.batch_size ({t.batch_size})",
+    require(bool(m.name), "model.name", "a hub id, a local folder or embedded:smollm2-135m | embedded:tiny-gpt2", m.name)
+    require(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
+    require(d.skip_reviews >= 0, "data.skip_reviews", ">= 0", d.skip_reviews)
+    require(d.num_train_reviews >= t.batch_size, "data.num_train_reviews", f">= train.batch_size ({t.batch_size})",
            d.num_train_reviews)
-    _check(d.num_eval_reviews >= 1, "data.num_eval_reviews", ">= 1", d.num_eval_reviews)
-    _check(d.max_tokens >= 4, "data.max_tokens", ">= 4", d.max_tokens)
-    _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
-    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _check(t.micro_batch_size >= 0, "train.micro_batch_size", ">= 0 (0 = a rank's whole share of the batch)",
+    require(d.num_eval_reviews >= 1, "data.num_eval_reviews", ">= 1", d.num_eval_reviews)
+    require(d.max_tokens >= 4, "data.max_tokens", ">= 4", d.max_tokens)
+    require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    require(t.micro_batch_size >= 0, "train.micro_batch_size", ">= 0 (0 = a rank's whole share of the batch)",
            t.micro_batch_size)
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
-    _check(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
-    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-    _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
-    _check(c.eval.batch_size >= 1, "eval.batch_size", ">= 1", c.eval.batch_size)
-    _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
-    _check(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
+    require(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
+    require(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
+    require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    require(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
+    require(c.eval.batch_size >= 1, "eval.batch_size", ">= 1", c.eval.batch_size)
+    require(c.log_every >= 1, "log_every", ">= 1", c.log_every)
+    require(c.dist_timeout_s > 0, "dist_timeout_s", "> 0 seconds", c.dist_timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------- reward model
@@ -166,32 +166,32 @@ class RewardModelConfig:
 def validate_reward_model(c: RewardModelConfig) -> None:
     """Range and choice checks; raises ConfigError naming the first bad field."""
     d, t = c.data, c.train
-    _check(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:all-minilm-l6-v2", c.model.name)
-    _check(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
-    _check(d.num_train_reviews >= 2, "data.num_train_reviews", ">= 2", d.num_train_reviews)
-    _check(d.num_test_reviews >= 2, "data.num_test_reviews", ">= 2", d.num_test_reviews)
-    _check(d.num_train_reviews + d.num_test_reviews <= 25000, "data.num_train_reviews",
+    require(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:all-minilm-l6-v2", c.model.name)
+    require(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
+    require(d.num_train_reviews >= 2, "data.num_train_reviews", ">= 2", d.num_train_reviews)
+    require(d.num_test_reviews >= 2, "data.num_test_reviews", ">= 2", d.num_test_reviews)
+    require(d.num_train_reviews + d.num_test_reviews <= 25000, "data.num_train_reviews",
            f"<= 25000 - data.num_test_reviews ({25000 - d.num_test_reviews}): IMDB has 25,000 labelled reviews",
            d.num_train_reviews)
-    _check(d.review_max_tokens >= 8, "data.review_max_tokens", ">= 8", d.review_max_tokens)
-    _check(d.train_review_max_tokens == 0 or d.train_review_max_tokens >= 8, "data.train_review_max_tokens",
+    require(d.review_max_tokens >= 8, "data.review_max_tokens", ">= 8", d.review_max_tokens)
+    require(d.train_review_max_tokens == 0 or d.train_review_max_tokens >= 8, "data.train_review_max_tokens",
            "0 (= data.review_max_tokens) or >= 8", d.train_review_max_tokens)
-    _check(d.snippets_per_review >= 0, "data.snippets_per_review", ">= 0", d.snippets_per_review)
-    _check(d.snippet_min_words >= 1, "data.snippet_min_words", ">= 1", d.snippet_min_words)
-    _check(d.snippet_max_words >= d.snippet_min_words, "data.snippet_max_words", ">= data.snippet_min_words",
+    require(d.snippets_per_review >= 0, "data.snippets_per_review", ">= 0", d.snippets_per_review)
+    require(d.snippet_min_words >= 1, "data.snippet_min_words", ">= 1", d.snippet_min_words)
+    require(d.snippet_max_words >= d.snippet_min_words, "data.snippet_max_words", ">= data.snippet_min_words",
            d.snippet_max_words)
-    _check(d.snippet_max_tokens >= 4, "data.snippet_max_tokens", ">= 4", d.snippet_max_tokens)
-    _check(d.start_tokens >= 4, "data.start_tokens", ">= 4", d.start_tokens)
-    _check(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
-    _check(t.freeze_layers >= 0, "train.freeze_layers", ">= 0", t.freeze_layers)
-    _check(t.head_lr >= 0, "train.head_lr", ">= 0 (0 = train.lr)", t.head_lr)
-    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
-    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-    _check(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
-    _check(c.eval.batch_size >= 1, "eval.batch_size", ">= 1", c.eval.batch_size)
-    _check(c.log_every >= 1, "log_every", ">= 1", c.log_every)
+    require(d.snippet_max_tokens >= 4, "data.snippet_max_tokens", ">= 4", d.snippet_max_tokens)
+    require(d.start_tokens >= 4, "data.start_tokens", ">= 4", d.start_tokens)
+    require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    require(t.freeze_layers >= 0, "train.freeze_layers", ">= 0", t.freeze_layers)
+    require(t.head_lr >= 0, "train.head_lr", ">= 0 (0 = train.lr)", t.head_lr)
+    require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    require(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite number > 0", t.lr)
+    require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
+    require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    require(t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
+    require(c.eval.batch_size >= 1, "eval.batch_size", ">= 1", c.eval.batch_size)
+    require(c.log_every >= 1, "log_every", ">= 1", c.log_every)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -223,10 +223,10 @@ def load_stage_config(stage: str, path: str | Path | None = None, overrides: lis
 
 def stage_config_from_dict(stage: str, data: dict):
     """A stored config.yaml back into the stage's config class (validated)."""
-    from ..config import _apply
+    from ..config import apply_data
 
     cls, validate = _CLASSES[stage]
     cfg = cls()
-    _apply(cfg, data, "", cls)
+    apply_data(cfg, data, "", cls)
     validate(cfg)
     return cfg

@@ -85,22 +85,22 @@ def _leftovers(out: Path) -> list[Path]:
 
 def begin(output_dir: str | Path) -> Path:
     """Rank 0: remove leftovers of a killed write of output_dir, then make a fresh temp folder next to it."""
-    from ..checkpoint import _tmp_dir_for
+    from ..checkpoint import tmp_dir_for
 
     out = Path(output_dir).expanduser().absolute()
     for p in _leftovers(out):
         shutil.rmtree(p, ignore_errors=True)
-    tmp = _tmp_dir_for(out)
+    tmp = tmp_dir_for(out)
     tmp.chmod(0o755)  # mkdtemp makes 0700; results are for everyone to read
     return tmp
 
 
 def publish(tmp: Path, output_dir: str | Path) -> Path:
     """Rename the complete temp folder to output_dir (the old result, if any, is removed after the rename)."""
-    from ..checkpoint import _replace_dir
+    from ..checkpoint import replace_dir
 
     out = Path(output_dir).expanduser().absolute()
-    _replace_dir(Path(tmp), out)
+    replace_dir(Path(tmp), out)
     return out
 
 

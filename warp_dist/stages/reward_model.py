@@ -1,6 +1,6 @@
 """Reward-model stage: a sentiment classifier trained on the labelled IMDB reviews, for WARP's classifier reward.
 
-    python launch/reward_model.py --config configs/reward_model.yaml [dotted.key=value ...]
+    python launch/reward_model.py --config configs/stages/reward_model.yaml [dotted.key=value ...]
     # then in WARP: reward.kind=classifier reward.name=<output_dir> reward.label=1 reward.minus_label=0
 
 WARP scores short texts (an 8-token prompt + ~24 new tokens), so the classifier is trained on whole reviews (their
@@ -22,7 +22,7 @@ import random
 import time
 from pathlib import Path
 
-from .cli import log
+from ..runner import log
 from .common import environment, lr_factor, skip_line, write_result
 from .config import RewardModelConfig, config_hash
 from .output import StageError, decide
@@ -53,7 +53,7 @@ def resolve_encoder(name: str) -> str:
 
 def preflight(cfg: RewardModelConfig) -> str:
     """Cheap checks before any weights load; returns the resolved model path."""
-    from .. import preflight as pf
+    from ..checks import preflight as pf
 
     pf.check_output_dir(cfg.output_dir)
     pf.check_data(cfg)
@@ -163,13 +163,10 @@ def run(cfg: RewardModelConfig, command: str = "", t0: float | None = None) -> d
 
 def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: float) -> dict:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..data import clean
     from ..dist import set_cpu_threads
     from ..guards import check_finite
     from ..runner import quiet_libraries
-    from .texts import heldout_sentences, load_labelled_reviews
 
     quiet_libraries()
     d, t, ev = cfg.data, cfg.train, cfg.eval
@@ -182,38 +179,10 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
         + (" (replacing the result there)" if decision == "overwrite" else ""))
 
     tic = time.time()
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(t.seed)  # the new classification head
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, id2label=ID2LABEL,
-                                                               label2id={v: k for k, v in ID2LABEL.items()})
-    if tok.pad_token_id is None:  # e.g. a GPT-2 classifier: pad with EOS, and tell the model
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
-    model.to(device).train()
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and tok.model_max_length > max_pos:  # a missing tokenizer limit would let WARP's reward overflow
-        tok.model_max_length = max_pos
+    tok, model = _load_model(cfg, path, device)
     timings["load_model_s"] = time.time() - tic
-
     tic = time.time()
-    try:
-        rows = load_labelled_reviews(d.source, d.seed, cleaned=False)  # only the used ones are cleaned, below
-    except RuntimeError as exc:
-        raise StageError(str(exc)) from None
-    if d.num_train_reviews + d.num_test_reviews > len(rows):
-        raise StageError(f"data.num_train_reviews + data.num_test_reviews = {d.num_train_reviews + d.num_test_reviews}"
-                         f" but there are only {len(rows)} labelled reviews")
-    train_rows = [(clean(x), y) for x, y in rows[:d.num_train_reviews]]
-    test_rows = [(clean(x), y) for x, y in rows[len(rows) - d.num_test_reviews:]]
-    examples = training_examples(train_rows, cfg)
-    seqs = encode(tok, [e[0] for e in examples], [e[2] for e in examples])
-    labels = [e[1] for e in examples]
-    sents = heldout_sentences(test_rows, d.seed + 2, d.snippet_min_words, d.snippet_max_words)
-    tests = {
-        "whole_reviews": (encode(tok, [r[0] for r in test_rows], d.review_max_tokens), [r[1] for r in test_rows]),
-        "review_starts": (encode(tok, [r[0] for r in test_rows], d.start_tokens), [r[1] for r in test_rows]),
-        "sentences": (encode(tok, [s[0] for s in sents], d.snippet_max_tokens), [s[1] for s in sents]),
-    }
+    train_rows, test_rows, examples, seqs, labels, sents, tests = _examples(cfg, tok)
     timings["data_s"] = time.time() - tic
     n_snip = len(examples) - len(train_rows)
     log(f"reward_model: {len(examples)} training examples ({len(train_rows)} reviews + {n_snip} snippets, "
@@ -253,6 +222,52 @@ def _train(cfg: RewardModelConfig, path: str, decision: str, command: str, t0: f
     log(f"reward_model: wrote {cfg.output_dir} ({time.time() - t0:.0f} s in all); in WARP: reward.kind=classifier "
         f"reward.name={cfg.output_dir} reward.label=1 reward.minus_label=0")
     return summary
+
+
+def _load_model(cfg: RewardModelConfig, path: str, device):
+    """The tokenizer and the encoder with a fresh 2-label head (seeded), in train mode on `device`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(cfg.train.seed)  # the new classification head
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, id2label=ID2LABEL,
+                                                               label2id={v: k for k, v in ID2LABEL.items()})
+    if tok.pad_token_id is None:  # e.g. a GPT-2 classifier: pad with EOS, and tell the model
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.to(device).train()
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and tok.model_max_length > max_pos:  # a missing tokenizer limit would let WARP's reward overflow
+        tok.model_max_length = max_pos
+    return tok, model
+
+
+def _examples(cfg: RewardModelConfig, tok):
+    """(train rows, test rows, training examples, their encodings, labels, held-out sentences, the three test sets)."""
+    from ..data import clean
+    from .texts import heldout_sentences, load_labelled_reviews
+
+    d = cfg.data
+    try:
+        rows = load_labelled_reviews(d.source, d.seed, cleaned=False)  # only the used ones are cleaned, below
+    except RuntimeError as exc:
+        raise StageError(str(exc)) from None
+    if d.num_train_reviews + d.num_test_reviews > len(rows):
+        raise StageError(f"data.num_train_reviews + data.num_test_reviews = {d.num_train_reviews + d.num_test_reviews}"
+                         f" but there are only {len(rows)} labelled reviews")
+    train_rows = [(clean(x), y) for x, y in rows[:d.num_train_reviews]]
+    test_rows = [(clean(x), y) for x, y in rows[len(rows) - d.num_test_reviews:]]
+    examples = training_examples(train_rows, cfg)
+    seqs = encode(tok, [e[0] for e in examples], [e[2] for e in examples])
+    labels = [e[1] for e in examples]
+    sents = heldout_sentences(test_rows, d.seed + 2, d.snippet_min_words, d.snippet_max_words)
+    tests = {
+        "whole_reviews": (encode(tok, [r[0] for r in test_rows], d.review_max_tokens), [r[1] for r in test_rows]),
+        "review_starts": (encode(tok, [r[0] for r in test_rows], d.start_tokens), [r[1] for r in test_rows]),
+        "sentences": (encode(tok, [s[0] for s in sents], d.snippet_max_tokens), [s[1] for s in sents]),
+    }
+    return train_rows, test_rows, examples, seqs, labels, sents, tests
 
 
 def encoder_layers(model) -> list:

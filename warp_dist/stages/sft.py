@@ -1,7 +1,7 @@
 """SFT stage: fine-tune a causal LM on IMDB reviews, so that WARP starts from a model of review text.
 
-    python launch/sft.py --config configs/sft.yaml [dotted.key=value ...]
-    accelerate launch --multi_gpu --num_processes 2 launch/sft.py --config configs/sft.yaml    # data-parallel
+    python launch/sft.py --config configs/stages/sft.yaml [dotted.key=value ...]
+    accelerate launch --multi_gpu --num_processes 2 launch/sft.py --config configs/stages/sft.yaml    # data-parallel
 
 Each training sequence is one review's first `data.max_tokens` tokens, laid out like a WARP prompt (BOS when the
 tokenizer adds one) and ended by EOS when the whole review fits. The loss is the mean next-token loss over every
@@ -24,7 +24,7 @@ import os
 import random
 import time
 
-from .cli import log
+from ..runner import log
 from .common import environment, lr_factor, skip_line, write_result
 from .config import SftConfig, config_hash
 from .output import StageError, decide
@@ -110,7 +110,7 @@ def check_ranks(cfg: SftConfig, world: int) -> None:
 
 def preflight(cfg: SftConfig) -> None:
     """Cheap checks before any weights load (one line each): output_dir writable, data, the model resolvable."""
-    from .. import preflight as pf
+    from ..checks import preflight as pf
 
     pf.check_output_dir(cfg.output_dir)
     pf.check_data(cfg)

@@ -9,7 +9,7 @@ import csv
 import random
 import re
 
-from ..data import _bundled_csv, clean, load_hub_reviews
+from ..data import bundled_csv, clean, load_hub_reviews
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -19,7 +19,7 @@ def read_bundled(cleaned: bool = True) -> list[tuple[str, int]]:
     texts of warp_dist.data.load_bundled_reviews, read with the csv module (several times faster than `datasets`).
     cleaned=False leaves `data.clean` to the caller (cleaning all 25,000 costs seconds; a stage uses a few)."""
     csv.field_size_limit(1 << 26)
-    with open(_bundled_csv(), newline="", encoding="utf-8") as fh:
+    with open(bundled_csv(), newline="", encoding="utf-8") as fh:
         rows = [(r["text"], int(r["label"])) for r in csv.DictReader(fh) if r["source"] == "imdb" and r["text"]]
     return [(clean(t), y) for t, y in rows] if cleaned else rows
 
