@@ -77,7 +77,7 @@ class NaiveWarp:
 
     def step(self, prompt_ids: list[list[int]], prompt_texts: list[str], seed: int) -> dict:
         """One RL step; returns the phase times and the batch's mean reward."""
-        from warp_dist import rl
+        from warp_dist.training import rl
 
         tc = self.cfg.train
         t0 = time.perf_counter()
