@@ -59,7 +59,7 @@ def test_a_registered_reward_is_validated_checked_and_scores_a_run(tmp_path, tin
 
 
 def test_an_unregistered_reward_kind_names_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"reward.kind='length' is invalid: allowed vader \| classifier \| callable$"):
+    with pytest.raises(ConfigError, match=r"reward.kind='length' is invalid: allowed vader \| classifier \| callable \| verifiable \| format \| sum$"):
         load_config(TINY, ["reward.kind=length"])
 
 

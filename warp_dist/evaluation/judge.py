@@ -25,10 +25,13 @@ class JudgeConfigError(ValueError):
     """eval.judge / eval.judge_classifier cannot be used with this reward; one line naming the field."""
 
 
-def resolve_judge(reward, eval_cfg) -> tuple[str, str]:
-    """(kind, name): ("vader", "vader") | ("classifier", <folder or hub id>) | ("none", "none")."""
+def resolve_judge(reward, eval_cfg, source: str = "bundled") -> tuple[str, str]:
+    """(kind, name): ("vader", "vader") | ("classifier", <folder or hub id>) | ("none", "none"). auto judges
+    sentiment only on the IMDB task (data.source bundled / hub): any other task has no automatic second judge."""
     j = (eval_cfg.judge or "auto").strip()
     if j == "auto":
+        if source not in ("bundled", "hub") or reward.kind in ("verifiable", "format", "sum"):
+            return "none", "none"
         if reward.kind == "vader":
             if eval_cfg.judge_classifier:
                 return _classifier(reward, eval_cfg.judge_classifier, "eval.judge_classifier")
@@ -58,7 +61,7 @@ def judge_label(name: str) -> str:
 
 def build_judge(cfg, device="cpu"):
     """The judge of cfg (a `warp_dist.rewards.scorers.Reward` scoring [B] floats), or None for no judge."""
-    kind, name = resolve_judge(cfg.reward, cfg.eval)
+    kind, name = resolve_judge(cfg.reward, cfg.eval, cfg.data.source)
     if kind == "none":
         return None
     from ..rewards.scorers import ClassifierJudge, VaderReward

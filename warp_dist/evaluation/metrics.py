@@ -9,7 +9,9 @@ Every result also carries (see warp_dist.evaluation.stats for what the intervals
 - judge ("vader" | "classifier:<id>" | "none"), judge_mean, judge_std, judge_ci_low, judge_ci_high: the independent
   judge's score of the same texts (warp_dist.evaluation.judge; null when there is no judge);
 - distinct_1, distinct_2: unique / total token n-grams over all completions (n-grams never cross completions);
-- per prompt (EvalResult: rewards, kls, judges, in prompt order), for paired comparisons between models.
+- per prompt (EvalResult: rewards, kls, judges, in prompt order), for paired comparisons between models;
+- what the reward measured besides its value (`accuracy` for the verifiable reward, `reward_<name>` for each term of
+  a sum): <name>_mean, <name>_ci_low, <name>_ci_high, and per prompt in EvalResult.parts.
 
 The evaluator (`evaluation.evaluator.Evaluator`) samples and scores: prompt i is sampled with its own seed (eval.seed, i), batches
 are spread over the ranks, and `summarize` puts every rank's records back in prompt order, so the numbers do not depend
@@ -33,21 +35,23 @@ class EvalResult:
     rewards: list[float] = field(default_factory=list)
     kls: list[float] = field(default_factory=list)
     judges: list[float] | None = None  # None: no judge
+    parts: dict[str, list[float]] = field(default_factory=dict)  # a sum's terms, an accuracy: per prompt, by name
 
     def per_prompt(self) -> dict:
         """Per-prompt values in prompt order (what paired bootstraps resample): reward, kl, judge (or None)."""
         return {"reward": list(self.rewards), "kl": list(self.kls),
-                "judge": None if self.judges is None else list(self.judges)}
+                "judge": None if self.judges is None else list(self.judges),
+                **{name: list(v) for name, v in self.parts.items()}}
 
     def to_json(self) -> dict:
         """As plain JSON (it goes into checkpoint positions and the run's evals.json)."""
         return {"metrics": self.metrics, "completions": self.completions, "texts": self.texts,
-                "rewards": self.rewards, "kls": self.kls, "judges": self.judges}
+                "rewards": self.rewards, "kls": self.kls, "judges": self.judges, "parts": self.parts}
 
     @classmethod
     def from_json(cls, data: dict) -> EvalResult:
         return cls(data["metrics"], data["completions"], data["texts"], data["rewards"], data.get("kls", []),
-                   data.get("judges"))
+                   data.get("judges"), data.get("parts") or {})
 
 
 def interval_metrics(prefix: str, values: list[float]) -> dict:
@@ -92,7 +96,11 @@ def summarize(records: list[dict], rank_times: list[dict], sft_completions: list
         "tokens_per_s_per_rank": [t["tokens"] / max(t["generate"], 1e-9) for t in rank_times],
         "num_ranks": len(rank_times),
     }
-    return EvalResult(metrics, comps, [r["text"] for r in records], rewards, kls, judges)
+    parts = {name: [r["parts"][name] for r in records] for name in (records[0].get("parts") or {})} if records else {}
+    for name, values in parts.items():  # a sum's terms (reward_<name>), a verifiable reward's accuracy
+        metrics[f"{name}_mean"] = sum(values) / n
+        metrics.update(interval_metrics(name, values))
+    return EvalResult(metrics, comps, [r["text"] for r in records], rewards, kls, judges, parts)
 
 
 def fmt_metrics(name: str, m: dict) -> str:
@@ -103,6 +111,8 @@ def fmt_metrics(name: str, m: dict) -> str:
     ci = ""
     if "reward_ci_low" in m:
         ci = f" [{m['reward_ci_low']:+.4f}, {m['reward_ci_high']:+.4f}]"
+    if m.get("accuracy_mean") is not None:
+        judge = f"  accuracy {m['accuracy_mean']:.3f} [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]" + judge
     return (f"{name}: reward {m['reward_mean']:+.4f}{ci} ± {m['reward_std']:.4f}  KL {m['kl_mean']:.4f}  "
             f"identical {m['identical_fraction']:.2f}  len {m['length_mean']:.1f}"
             + (f"  distinct-2 {m['distinct_2']:.3f}" if "distinct_2" in m else "") + f"{judge}  n={m['num_prompts']}")

@@ -221,11 +221,22 @@ def judge_name(rows: list[dict]) -> str:
     return next((r["judge"] for r in rows if r.get("judge")), "none")
 
 
+def part_names(rows: list[dict]) -> list[str]:
+    """What the reward measured besides its value, in every row: `accuracy` (a verifiable reward), `reward_<name>`
+    (the terms of a sum)."""
+    names = [k[:-len("_mean")] for k in (rows[0] if rows else {}) if k.endswith("_mean") and
+             (k == "accuracy_mean" or (k.startswith("reward_") and k != "reward_mean"))]
+    return [n for n in names if all(f"{n}_mean" in r for r in rows)]
+
+
 def metrics_table(rows: list[dict]) -> list[list[str]]:
-    head = ["model", "kind", "eta", "beta", "reward [95% CI]", "reward std", "KL to SFT [95% CI]",
-            f"judge: {judge_name(rows)} [95% CI]", "identical to SFT", "mean length", "distinct-1", "distinct-2"]
+    parts = part_names(rows)
+    head = ["model", "kind", "eta", "beta", "reward [95% CI]", *[f"{p} [95% CI]" for p in parts], "reward std",
+            "KL to SFT [95% CI]", f"judge: {judge_name(rows)} [95% CI]", "identical to SFT", "mean length",
+            "distinct-1", "distinct-2"]
     body = [[r["name"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), r["kind"], _fmt(r.get("eta"), "g"),
              _fmt(r.get("beta"), "g"), stats.with_interval(r, "reward"),
+             *[stats.with_interval(r, p, ".3f") for p in parts],
              _fmt(r["reward_std"]), stats.with_interval(r, "kl", ".3f"), stats.with_interval(r, "judge"),
              _fmt(r["identical_fraction"], ".2f"), _fmt(r["length_mean"], ".1f"), _fmt(r.get("distinct_1")),
              _fmt(r.get("distinct_2"))] for r in rows]

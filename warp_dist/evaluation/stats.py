@@ -158,9 +158,11 @@ PAIRED_METRICS = ("reward", "kl", "judge")  # the per-prompt values an evaluatio
 def paired_differences(a: dict, b: dict, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict:
     """{metric: paired_bootstrap(a[metric], b[metric])} for every metric of PAIRED_METRICS that both per-prompt dicts
     (`EvalResult.per_prompt()`: lists in prompt order, None for no judge) carry over the same, non-zero number of
-    prompts: model a - model b on the same prompts and sampling seeds."""
+    prompts: model a - model b on the same prompts and sampling seeds; then any other per-prompt value both carry
+    (a verifiable reward's `accuracy`, a sum's `reward_<name>` terms)."""
     out = {}
-    for metric in PAIRED_METRICS:
+    extra = [m for m in a if m not in PAIRED_METRICS and m in b]
+    for metric in (*PAIRED_METRICS, *extra):
         va, vb = a.get(metric), b.get(metric)
         if va is None or vb is None or len(va) != len(vb) or not va:
             continue

@@ -122,9 +122,56 @@ register(RewardKind(
     "classifier", _classifier, check=_classifier_check, params=_classifier_params,
     validate=lambda r: "" if r.name else "reward.name='' is invalid: allowed a sequence-classifier id or folder when "
                                          "reward.kind=classifier",
-    doc="an HF sequence classifier (reward.name): the logit of reward.label, minus reward.minus_label's if >= 0"))
+    doc="an HF sequence classifier or single-logit reward model (reward.name): the logit of reward.label, minus "
+        "reward.minus_label's if >= 0; a conversation in the model's own chat template when it has one"))
 register(RewardKind(
     "callable", _callable, check=_callable_check,
     validate=lambda r: "" if ":" in r.callable else f"reward.callable={r.callable!r} is invalid: allowed "
                                                      "module:function when reward.kind=callable",
-    doc="a function module:function(prompts, completions) -> list[float] (reward.callable)"))
+    doc="a function module:function(prompts, completions, **columns) -> list[float] (reward.callable)"))
+
+EXTRACT = ("auto", "last_number", "hash", "boxed")  # reward.extract choices (warp_dist.rewards.verifiable.MODES)
+
+
+def _extract_rule(r) -> str:
+    return "" if r.extract in EXTRACT else f"reward.extract={r.extract!r} is invalid: allowed {' | '.join(EXTRACT)}"
+
+
+def _verifiable(r, device):
+    from .verifiable import VerifiableReward
+
+    return VerifiableReward(r.answer_column, r.extract, **_text_kw(r))
+
+
+def _format(r, device):
+    from .verifiable import FormatReward
+
+    return FormatReward(r.extract, **_text_kw(r))
+
+
+def _sum(r, device):
+    from .combined import SumReward
+
+    return SumReward({name: (t.weight, build_reward(t, device)) for name, t in r.terms.items()}, **_text_kw(r))
+
+
+def _sum_check(r) -> str:
+    for name, t in r.terms.items():
+        why = kind_of(t).check(t)
+        if why:
+            return f"reward.terms.{name}: {why}"
+    return ""
+
+
+register(RewardKind(
+    "verifiable", _verifiable, validate=lambda r: _extract_rule(r) or (
+        "" if r.answer_column else "reward.answer_column='' is invalid: allowed the column holding the answer"),
+    doc="1 when the completion's answer (reward.extract) equals the row's reward.answer_column after normalisation, "
+        "else 0; logged as accuracy"))
+register(RewardKind("format", _format, validate=_extract_rule,
+                    doc="1 when the completion states an answer in the reward.extract form, else 0"))
+register(RewardKind(
+    "sum", _sum, check=_sum_check, params=lambda r: sum(kind_of(t).params(t) for t in r.terms.values()),
+    validate=lambda r: "" if r.terms else "reward.terms={} is invalid: allowed one or more named rewards when "
+                                          "reward.kind=sum (reward.terms.<name>.kind=...)",
+    doc="sum over reward.terms of weight x term; each term logged as reward_<name>"))

@@ -91,9 +91,13 @@ def rl_step(s: Session, iteration: int, policy: int, step: int, seed: int, order
         keep = [slot * k + c for slot in slots for c in range(k)]
         gens = type(gens)([gens.prompt_ids[i] for i in keep], [gens.completion_ids[i] for i in keep],
                           [gens.sampler_logprobs[i] for i in keep] if gens.sampler_logprobs else None)
+        idx = [idx[slot] for slot in slots]
     t1 = s.clock()
     ptexts, ctexts = decode_pairs(s.tokenizer, gens.prompt_ids, gens.completion_ids)
-    reward = s.reward(ptexts, ctexts, where=at)  # one finite score per completion, or a one-line error
+    rows, convs = s.train_prompts.reward_inputs(idx, k)  # the dataset columns (an answer) and conversations
+    # one finite score per completion, or a one-line error
+    reward = s.reward(ptexts, ctexts, where=at, rows=rows, conversations=convs)
+    parts = {name: v.mean().item() for name, v in s.reward.last_parts.items()}  # a sum's terms, an accuracy
     t2 = s.clock()
     s.backend.sleep()  # CUDA + vLLM sleep mode: give the engine's memory to the training step
     batch = build_batch(gens, s.pad, s.device)
@@ -122,7 +126,8 @@ def rl_step(s: Session, iteration: int, policy: int, step: int, seed: int, order
            "shaped_reward_mean": shaped.mean().item(), "kl_to_ema": kl_ema, "loss": loss.item(),
            "grad_norm": grad_norm, "length_mean": float(batch.mask.sum(-1).mean().item()),
            "time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_train_s": t3 - t2,
-           "time_sync_s": t4 - t3, "tokens_per_s": gens.num_tokens / max(t1 - t0, 1e-9)}
+           "time_sync_s": t4 - t3, "tokens_per_s": gens.num_tokens / max(t1 - t0, 1e-9),
+           **{f"{name}_mean": v for name, v in parts.items()}}
     if gens.sampler_logprobs is not None:
         rec["sampler_logprob_gap"] = sampler_gap(gens.sampler_logprobs, logp.detach().cpu(), batch.mask.cpu())
     return rec

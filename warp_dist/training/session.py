@@ -93,12 +93,17 @@ class Session:
         self.tokenizer = load_tokenizer(self.model_path)
         self.pad = self.tokenizer.pad_token_id
         self.sampling = SamplingConfig.from_rollout(cfg.rollout, eos_token_ids(self.tokenizer, self.model_path))
+        # the prompts first: a data error stops the run before any model (reward model included) loads
+        self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer, cfg.model.name)
+        dropped = f", {self.train_prompts.dropped} too long dropped" if self.train_prompts.dropped else ""
+        if self.train_prompts.conversations is not None:
+            longest = max(len(p) for p in self.train_prompts.ids + self.eval_prompts.ids)
+            dropped += f"; through the chat template, the longest {longest} tokens"
+        self.log(f"prompts: {len(self.train_prompts)} train, {len(self.eval_prompts)} eval "
+                 f"({self.eval_prompts.duplicates_skipped} eval candidates equal to a train prompt skipped{dropped})")
         self.reward = build_reward(cfg.reward, self.device)
         self.judge = build_judge(cfg, self.device)  # the evaluation's independent judge (None: eval.judge gives none)
-        self.judge_name = judge_label(resolve_judge(cfg.reward, cfg.eval)[1])
-        self.train_prompts, self.eval_prompts = load_prompts(cfg.data, self.tokenizer)
-        self.log(f"prompts: {len(self.train_prompts)} train, {len(self.eval_prompts)} eval "
-                 f"({self.eval_prompts.duplicates_skipped} eval candidates equal to a train prompt skipped)")
+        self.judge_name = judge_label(resolve_judge(cfg.reward, cfg.eval, cfg.data.source)[1])
         # the models (warp_dist.training.policy says what each holds): SFT on disk, policy, reference, theta_init
         self.sft = self._open_sft()
         ds = tc.deepspeed if training else ""
