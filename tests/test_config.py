@@ -236,3 +236,17 @@ def test_demo_settings_pick_dtype_and_steps_and_refuse_bad_values():
     # the overrides it prints load as a WARP config
     cfg = load_config(TINY, run("--dtype", "bfloat16").stdout.split())
     assert cfg.model.dtype == "bfloat16" and cfg.train.steps == 13
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    from warp_dist.config import ConfigError, load_config
+
+    cases = {"syntax.yaml": ("train:\n  steps: 3\n  lr: [1e-5\n", "syntax.yaml:4:1: YAML syntax error"),
+             "tabs.yaml": ("train:\n\tsteps: 3\n", "tabs.yaml:2:1: YAML syntax error"),
+             "empty.yaml": ("\n# nothing here\n", "is empty"),
+             "list.yaml": ("- a\n- b\n", "holds a YAML list, not a mapping")}
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(tmp_path / name)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

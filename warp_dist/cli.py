@@ -29,7 +29,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    """0 on success; 2 for bad input (config, topology, preflight, run folder); 1 for a run that failed cleanly."""
+    """0 on success; 2 for bad input (config, topology, preflight, run folder); 1 for a run that failed cleanly;
+    75 (preempt.EXIT_PREEMPTED) for a run stopped by a signal after writing a checkpoint (resume=true continues)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from .checks import plan, preflight  # none of these imports torch: bad input is reported at once
+    from .preempt import EXIT_PREEMPTED, Preempted
     from .runner import RunDirError, print_error, run
     from .topology import TopologyError
 
@@ -53,6 +55,13 @@ def main(argv=None) -> int:
     except (ConfigError, TopologyError) as exc:
         print_error(exc, cfg.debug, prefix="config error")
         return 2
+    except Preempted as exc:  # every rank stopped at the same boundary after one checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[stop] {exc}", flush=True)
+        from .dist import shutdown
+
+        shutdown()
+        return EXIT_PREEMPTED
     except RunDirError as exc:  # decided on rank 0 and raised on every rank: print it once
         if os.environ.get("RANK", "0") == "0":
             print_error(exc, cfg.debug)

@@ -195,6 +195,9 @@ class WarpConfig:
     overwrite: bool = False  # remove the run in output_dir first (no file of it survives), then start afresh
     debug: bool = False  # print the traceback with an error (errors are one line otherwise)
     checkpoint_every: int = 0  # also checkpoint every this many optimizer steps; 0 = only at phase boundaries
+    # signals that stop the run at the next step boundary after a checkpoint (exit 75; resume=true continues):
+    # comma list of TERM | INT | USR1 | USR2 | HUP, "" = none (a signal then ends the process as usual)
+    stop_signals: str = "TERM,INT,USR1"
     keep_checkpoints: int = 2  # the newest K complete checkpoints are kept, older ones removed
     save_dtype: str = ""  # dtype of saved model folders (final/, iter_<i>/): "" = model.dtype | float32 | bfloat16 | float16
     # where train / merge / eval records also go (rank 0, through Accelerate's trackers): tensorboard (<output_dir>/tb/)
@@ -487,6 +490,13 @@ def _validate_eval_and_run(c: WarpConfig) -> None:
     require(c.checkpoint_every >= 0, "checkpoint_every", ">= 0 optimizer steps (0 = only at phase boundaries)",
            c.checkpoint_every)
     require(c.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", c.keep_checkpoints)
+    from .preempt import NAMES, parse
+
+    try:
+        parse(c.stop_signals)
+    except ValueError:
+        raise ConfigError(f"stop_signals={c.stop_signals!r} is invalid: allowed a comma list of "
+                          f"{' | '.join(NAMES)}, or \"\"") from None
     require(c.save_dtype in ("", "float32", "bfloat16", "float16"), "save_dtype",
            '"" (= model.dtype) | float32 | bfloat16 | float16', c.save_dtype)
 
@@ -502,6 +512,25 @@ def flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping a config file holds; ConfigError in one line for a YAML syntax error (file, line, column), an
+    empty file, or a file that holds something other than a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config: {where}: YAML syntax error: {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config: {path} could not be read ({type(exc).__name__})") from None
+    if data is None:
+        raise ConfigError(f"--config: {path} is empty: a preset is a YAML mapping of fields (see configs/warp/)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} holds a YAML {type(data).__name__}, not a mapping of fields")
+    return data
+
+
 def load_into(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """A fresh `cls()` (any config dataclass) with the preset YAML (optional) and `dotted.key=value` overrides
     applied, in that order; not validated. Unknown keys raise ConfigError naming `cls`'s close matches. A class with
@@ -511,9 +540,7 @@ def load_into(cls, path: str | Path | None = None, overrides: list[str] | None =
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config: file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: {p} must hold a YAML mapping")
+        data = read_yaml_mapping(p)
         apply_data(cfg, data, "", cls)
         if "preset" not in data and hasattr(cfg, "preset"):
             cfg.preset = p.stem

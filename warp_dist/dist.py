@@ -77,6 +77,14 @@ class Dist:
         tdist.broadcast_object_list(box, src=src, group=self.phase)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """True if `flag` is true on any rank (every rank calls it at the same point: a step or phase boundary)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.phase)
+        return bool(t.item() > 0)
+
     def group_all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a same-shaped tensor of every rank of this policy group along dim 0 (group-rank order)."""
         if self.group_size == 1:

@@ -40,7 +40,8 @@ _TEMP_NAME = re.compile(rf"\.(?:{_NAMES})\..+")
 # Fields that may differ between a run's stored config.yaml and the config that resumes it: none of them changes
 # what the run computes. Every other field defines the run (model, data, reward, rollout, train, merge, eval, ...).
 RESUME_MAY_CHANGE = ("output_dir", "preset", "progress", "log_every", "dist_timeout_s", "phase_timeout_s", "debug",
-                     "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "model.cache_dir", "log_with")
+                     "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "model.cache_dir", "log_with",
+                     "stop_signals")
 
 
 def log(msg: str) -> None:
@@ -239,6 +240,7 @@ def run(cfg: WarpConfig) -> dict:
     RunDirError is raised on every rank alike (the launcher prints it on rank 0 and exits 2).
     """
     from . import dist as distmod
+    from .preempt import Preempted
 
     d = distmod.init(cfg.train.policies, cfg.dist_timeout_s, cpu=cfg.cpu,  # topology errors before any work
                      need_process_group=bool(cfg.train.deepspeed), phase_timeout_s=cfg.phase_timeout_s)
@@ -255,7 +257,7 @@ def run(cfg: WarpConfig) -> dict:
             log(f"done in {time.perf_counter() - t0:.0f}s -> {rd.path}")
             print(result_table(summary), flush=True)
         return summary
-    except RunDirError:
+    except (RunDirError, Preempted):  # raised on every rank alike
         raise
     except Exception as exc:  # noqa: BLE001 - a failing rank must end the whole job, never hang it
         if d.active:

@@ -479,6 +479,7 @@ def main(argv=None) -> int:
     from .checks import plan as memory_plan
     from .checks import preflight
     from .guards import RunError
+    from .preempt import EXIT_PREEMPTED, Preempted
     from .runner import RunDirError, print_error
     from .topology import TopologyError
 
@@ -500,6 +501,10 @@ def main(argv=None) -> int:
     except RunError as exc:  # a run that failed cleanly (e.g. a failing reward callable): one line, exit 1
         print_error(exc)
         return 1
+    except Preempted as exc:  # a signal: the point in progress checkpointed; rerunning the sweep resumes it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[stop] {exc}; rerun the same sweep command to continue", flush=True)
+        return EXIT_PREEMPTED
     if "torch.distributed" in sys.modules:  # points ran in this process (side by side, only in the children)
         from .dist import shutdown
 

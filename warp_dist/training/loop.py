@@ -25,6 +25,7 @@ from .. import dist as distmod
 from ..config import WarpConfig
 from ..evaluation.evaluator import Evaluator, reused_sft_eval
 from ..evaluation.metrics import EvalResult, fmt_metrics
+from ..preempt import Preempted, Stopper
 from ..tracking import samples_markdown
 from ..weights import SafeFile
 from . import output
@@ -38,11 +39,21 @@ class Warp:
     """One rank's WARP run: `Warp(cfg).run()` -> the summary (summary.json's content)."""
 
     def __init__(self, cfg: WarpConfig, dist: distmod.Dist | None = None, log=print, metrics_path=None):
+        self.stopper = Stopper(cfg.stop_signals)  # first: a signal during the set-up stops at the first boundary
         self.session = Session(cfg, dist, log=log, metrics_path=metrics_path)
         self.evaluator = Evaluator(self.session)
         self.ckpt = Checkpointer(self.session)
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        except Preempted:
+            self.session.close()
+            raise
+        finally:
+            self.stopper.restore()
+
+    def _run(self) -> dict:
         s, cfg, tc = self.session, self.session.cfg, self.session.cfg.train
         out = Path(cfg.output_dir)
         st = self.ckpt.start()
@@ -67,6 +78,23 @@ class Warp:
                 self.evaluate_merge(it, sft_eval)
         return self.finish(sft_eval)
 
+    # ---------------------------------------------------------------- checkpoints and stops
+    def save(self, phase: str) -> None:
+        """A phase-boundary checkpoint, then the run stops here if any rank was asked to (a signal)."""
+        self.ckpt.save(phase)
+        if self.session.dist.any(bool(self.stopper.requested)):
+            raise Preempted(self.stopper.requested, f"after the checkpoint '{phase}'")
+
+    def after_step(self, step: int) -> None:
+        """After an optimizer step: the periodic checkpoint, and a stop (with this policy's state checkpointed) when
+        any rank was asked to. Every rank calls it after the same step, so all agree on where they stop."""
+        saved = self.ckpt.periodic(step)
+        if step < self.session.cfg.train.steps and self.session.dist.any(bool(self.stopper.requested)):
+            if not saved:
+                self.ckpt.state.step = step
+                self.ckpt.save("stopped", rank_state=True)
+            raise Preempted(self.stopper.requested, f"after step {step}")
+
     # ---------------------------------------------------------------- the phases
     def evaluate_sft(self) -> None:
         s, st = self.session, self.ckpt.state
@@ -76,28 +104,38 @@ class Warp:
                        **({"reused_from": reused[0]} if reused else {})})
         s.log(fmt_metrics("SFT", ev.metrics))
         st.sft_eval = ev.to_json()
-        self.ckpt.save("sft evaluated")
+        self.save("sft evaluated")
 
     def train_policies(self, it: int) -> None:
         """This rank's policy slots of iteration `it`, one at a time (every rank has as many slots)."""
         s, st, d, tc = self.session, self.ckpt.state, self.session.dist, self.session.cfg.train
         t0 = time.perf_counter()
         for k, m in enumerate(d.topo.policies_of(d.rank)):
-            if k < st.slots_done:
+            # a policy is skipped when its file is in the checkpoint (trained before a resume, maybe on another
+            # number of ranks); the slots stay in step: every rank checkpoints after slot k if any rank trained one
+            todo = str(m) not in st.policy_files
+            if not d.any(todo):
                 continue
-            restore = self.ckpt.restore_rank_state if st.step else None
-            bar = progress_bar(tc.steps, f"iter {it}/{tc.iterations} policy {m + 1}/{tc.policies}",
-                               s.cfg.progress and s.is_main)
-            train_policy(s, it, m, progress=bar, restore=restore, on_step=lambda step, rec: self.ckpt.periodic(step))
-            if bar is not None:
-                bar.close()
-            path = save_policy(s, it, m)
+            # uneven only after a resume on another world size (some ranks' slot k done, others' not): the idle
+            # ranks make no per-step calls, so the slot runs without mid-policy checkpoints or stops
+            even = not d.any(not todo)
+            mine = {}
+            if todo:
+                restore = self.ckpt.restore_rank_state if st.step else None
+                bar = progress_bar(tc.steps, f"iter {it}/{tc.iterations} policy {m + 1}/{tc.policies}",
+                                   s.cfg.progress and s.is_main)
+                train_policy(s, it, m, progress=bar, restore=restore,
+                             on_step=(lambda step, rec: self.after_step(step)) if even else None)
+                if bar is not None:
+                    bar.close()
+                path = save_policy(s, it, m)
+                mine = {m: path.name} if d.is_leader else {}
             st.slots_done, st.step = k + 1, 0
-            for part in d.all_gather_object({m: path.name} if d.is_leader else {}):
+            for part in d.all_gather_object(mine):
                 st.policy_files.update({str(q): n for q, n in part.items()})
             st.train_time_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            self.ckpt.save("policy trained")
+            self.save("policy trained")
 
     def merge(self, it: int) -> None:
         s, st, d, cfg = self.session, self.ckpt.state, self.session.dist, self.session.cfg
@@ -118,7 +156,7 @@ class Warp:
             output.save_iteration(s, Path(cfg.output_dir) / f"iter_{it}", it, paths)
         st.merged, st.slots_done, st.step, st.policy_files, st.train_time_s = it, 0, 0, {}, 0.0
         st.slerp_distance_to_sft = diag["slerp_distance_to_sft"]
-        self.ckpt.save("merged")
+        self.save("merged")
 
     def evaluate_merge(self, it: int, sft_eval: EvalResult) -> None:
         """Evaluation of theta_slerp (after every iteration with eval.every_iteration, else after the last)."""
@@ -134,7 +172,7 @@ class Warp:
                 st.slerp_evals[str(it)] = ev.to_json()
         st.evaluated = it
         st.iteration = it + 1
-        self.ckpt.save("evaluated")
+        self.save("evaluated")
 
     def finish(self, sft_eval: EvalResult) -> dict:
         """final/ (the last theta_slerp), summary.json, and the run state removed: the run is complete."""

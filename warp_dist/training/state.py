@@ -62,6 +62,21 @@ class RunState:
         return self.iteration if self.merged < self.iteration else self.iteration + 1
 
 
+def check_world_change(position: dict, old: int, new: int, zero3: bool) -> None:
+    """Resume on another number of ranks: allowed from a phase-boundary checkpoint (the policies trained so far and
+    theta_init are whole fp32 files, any rank can read them; a policy not yet trained is trained by whichever rank
+    holds it now); refused in one line from a checkpoint of a policy in training (its weights, EMA and optimizer
+    state are split over the old ranks and groups) and under ZeRO-3 (theta_init is kept as one partition per rank)."""
+    ranks = f"{old} rank{'s' if old != 1 else ''}"
+    if position.get("step", 0):
+        raise RunError(f"resume: the newest checkpoint holds policies in training (step {position['step']}) written "
+                       f"by {ranks}; their optimizer state cannot move to {new}: relaunch with --num_processes {old} "
+                       "(another world size can resume from a checkpoint at a phase boundary)")
+    if zero3:
+        raise RunError(f"resume: under ZeRO-3 the checkpoint keeps theta_init as one partition per rank of {ranks}; "
+                       f"relaunch with --num_processes {old}")
+
+
 class Checkpointer:
     """Writes the checkpoints of a run and finds where a resumed run starts (collectives: every rank calls them)."""
 
@@ -87,10 +102,15 @@ class Checkpointer:
                 found = {"done": True}
             else:
                 checkpoint.clean_partial(s.state_dir)
-                ckpts = checkpoint.checkpoints(s.state_dir)
-                if ckpts:
-                    found = {**checkpoint.read_position(ckpts[-1]), "path": str(ckpts[-1])}
+                try:  # the newest checkpoint whose files match their checksums; damaged ones set aside
+                    ckpt = checkpoint.newest_valid(s.state_dir, warn=s.log)
+                    if ckpt is not None:
+                        found = {**checkpoint.read_position(ckpt), "path": str(ckpt)}
+                except RunError as exc:
+                    found = {"error": str(exc)}
         found = d.broadcast_object(found)
+        if found is not None and "error" in found:  # every rank stops with the same line
+            raise RunError(found["error"])
         if found is None:
             if cfg.resume:
                 s.log("resume: no complete checkpoint yet, starting from the beginning")
@@ -101,12 +121,12 @@ class Checkpointer:
         if found.get("done"):
             self.state.phase = "done"
             return self.state
-        if found["world_size"] != d.world_size:
-            n = found["world_size"]
-            raise RunError(f"resume: the checkpoint was written by {n} rank{'s' if n != 1 else ''}, this launch has "
-                           f"{d.world_size}: relaunch with --num_processes {n}")
+        n = found["world_size"]
+        if n != d.world_size:
+            check_world_change(found, n, d.world_size, s.weights.zero3)
         self.ckpt_dir = Path(found["path"])
         self.state = RunState.from_json(found)
+        self.state.world_size = d.world_size
         if s.is_main:  # the metrics written after that checkpoint belong to work that is redone
             checkpoint.truncate_lines(Path(cfg.output_dir) / "metrics.jsonl", self.state.metrics_lines)
             self.replay_trackers()
@@ -117,7 +137,9 @@ class Checkpointer:
             s.init.close()
             path, full = init_file(s, init_it)
             s.init = InitStore.from_file(s.weights, path, full=full)
-        checkpoint.load_rng(self.ckpt_dir / f"rank{d.rank}" / "rng.pt")
+        # on another world size a new rank takes rank 0's RNG: at a phase boundary nothing drawn from it reaches the
+        # results (each policy re-seeds from its own seed; sampling seeds are per request)
+        checkpoint.load_rng(self.ckpt_dir / f"rank{d.rank if d.rank < n else 0}" / "rng.pt")
         return self.state
 
     def elapsed(self) -> float:
@@ -144,12 +166,14 @@ class Checkpointer:
             h.sort(key=lambda r: (r["step"], r["rank"]))
         return s.dist.broadcast_object(out)
 
-    def periodic(self, step: int) -> None:
-        """After an optimizer step: a mid-policy checkpoint every `checkpoint_every` steps."""
+    def periodic(self, step: int) -> bool:
+        """After an optimizer step: a mid-policy checkpoint every `checkpoint_every` steps; whether it wrote one."""
         every = self.s.cfg.checkpoint_every
         if every and step % every == 0 and step < self.s.cfg.train.steps:
             self.state.step = step
             self.save("training", rank_state=True)
+            return True
+        return False
 
     def save(self, phase: str, rank_state: bool = False) -> None:
         """Write a complete checkpoint (a collective: every rank calls it at the same point of the run)."""
