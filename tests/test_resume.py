@@ -271,9 +271,9 @@ def test_signal_stops_after_a_checkpoint_and_resumes_bit_identical(sig, referenc
 
 @pytest.mark.slow
 def test_signal_at_a_random_moment_and_a_second_signal_during_the_checkpoint(reference, tmp_path):
-    """SIGTERM from outside at a random moment -> exit 75 at the next boundary; resumed, a second SIGTERM lands
-    during the stop's own checkpoint -> the process ends at once (128 + 15) and the checkpoint before it is whole;
-    the next resume finishes the run bit-identical to the uninterrupted one."""
+    """SIGTERM from outside at a random moment -> exit 75 at the next boundary, resumed bit-identical. A second
+    SIGTERM during the stop's own checkpoint -> the process ends at once (128 + 15), the checkpoint before it is
+    whole, and the resume from it finishes bit-identical to the uninterrupted run."""
     from warp_dist.preempt import EXIT_PREEMPTED
 
     out = tmp_path / "run"
@@ -293,12 +293,19 @@ def test_signal_at_a_random_moment_and_a_second_signal_during_the_checkpoint(ref
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
     assert time.time() - t0 < 60 and "[stop] stopped on SIGTERM" in stdout
-    twice = warp(out, "resume=true", "checkpoint_every=0",
-                 env={"WARP_DIST_SIGNAL_AT": "step:1:TERM,checkpoint:1:TERM", "WARP_DIST_SIGNAL_REPEAT_S": "0"})
+    resumed = warp(out, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, out)
+    # a second signal during the stop's own checkpoint: checkpoint 1 is "sft evaluated", SIGTERM at step 2, the
+    # stop's checkpoint is the 2nd time the checkpoint point is reached
+    out = tmp_path / "twice"
+    twice = warp(out, "checkpoint_every=0",
+                 env={"WARP_DIST_SIGNAL_AT": "step:2:TERM,checkpoint:2:TERM", "WARP_DIST_SIGNAL_REPEAT_S": "0"})
     assert twice.returncode == 128 + signal.SIGTERM, twice.stdout[-2000:] + twice.stderr[-2000:]
     assert "second SIGTERM" in twice.stdout
     final = warp(out, "resume=true")
     assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed at checkpoint 1: sft evaluated" in final.stdout  # the cut checkpoint left nothing behind
     assert_same_run(reference, out)
 
 
